@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: a virtual environment in .venv with the pinned packages.
+# Never installs a CUDA torch on a machine without an NVIDIA GPU, never leaves a broken torchvision.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.turbotalk-setup
+want=$(cat constraints.txt settings.ini setup.py scripts/setup.sh | sha256sum | cut -c1-16)
+[ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && exit 0
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${pip[@]}" -c constraints.txt torch==2.13.0                      # GPU machine: the CUDA build is wanted
+else  # CPU machine: a local CPU wheel if there is one, else PyTorch's CPU index; never PyPI's CUDA build
+  "${pip[@]}" -c constraints.txt --no-index torch==2.13.0 2>/dev/null ||
+    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+fi
+"${pip[@]}" -c constraints.txt -e ".[dev]"
+.venv/bin/python - <<'PY'
+import importlib.util, subprocess, sys, torch
+gpu = subprocess.run(['sh', '-c', 'nvidia-smi -L'], capture_output=True).returncode == 0
+assert gpu or torch.version.cuda is None, f'CUDA torch {torch.__version__} on a CPU machine: remove .venv and re-run'
+if importlib.util.find_spec('torchvision'):
+    try: import torchvision
+    except Exception as e: sys.exit(f'torchvision is installed but cannot import ({e}); pip uninstall torchvision')
+print(f'turbotalk set-up ok: torch {torch.__version__}, python {sys.version.split()[0]}')
+PY
+echo "$want" > "$stamp"

@@ -16,6 +16,9 @@ else  # CPU machine: a local CPU wheel if there is one, else PyTorch's CPU index
     "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  "${pip[@]}" -c constraints.txt torchvision==0.28.0 lpips==0.1.4   # LPIPS needs torchvision: GPU machines only
+fi
 .venv/bin/python - <<'PY'
 import importlib.util, subprocess, sys, torch
 gpu = subprocess.run(['sh', '-c', 'nvidia-smi -L'], capture_output=True).returncode == 0

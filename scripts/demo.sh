@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg
 data=${SYNTHTALK:-data/synthtalk}
 runs=${RUNS:-papermill_runs}
-pm() { mkdir -p "$(dirname "$2")"; papermill --log-level WARNING "$@"; }
+pm() { mkdir -p "$(dirname "$2")"; TURBOTALK_CMD="papermill $*" papermill --log-level WARNING "$@"; }  # cmd.txt records it
 
 echo "== 1/2 SynthTalk benchmark -> $data"
 [ -f "$data/meta.json" ] || python -m turbotalk.synthtalk --out "$data" --n-clips 500 --seed 0 --split all

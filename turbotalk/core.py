@@ -86,8 +86,8 @@ class RunDir:
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
     def write_results(self, d:dict): (self.path/'results.json').write_text(json.dumps(_jsonable(d), indent=2))
     def write_cmd(self, cmd:str|None=None):
-        "Record the command that made the run (default: this process's argv)."
-        (self.path/'cmd.txt').write_text((cmd or ' '.join(sys.argv)) + '\n')
+        "Record the command that made the run: `cmd`, else $TURBOTALK_CMD (set by papermill wrappers), else argv."
+        (self.path/'cmd.txt').write_text((cmd or os.environ.get('TURBOTALK_CMD') or ' '.join(sys.argv)) + '\n')
 
 # %% ../nbs/00_core.ipynb #c017
 def save_weights(sd:dict, # name -> tensor

@@ -7,7 +7,7 @@ cfg.read('settings.ini', encoding='utf-8')
 c = cfg['DEFAULT']
 req = c.get('requirements', '').split()
 dev = c.get('dev_requirements', '').split()
-scripts = [s.strip() for s in c.get('console_scripts', '').split('\n') if s.strip()]
+scripts = c.get('console_scripts', '').split()
 
 setuptools.setup(
     name=c['lib_name'], version=c['version'], description=c['description'],

@@ -9,6 +9,7 @@ stamp=.venv/.turbotalk-setup
 want=$(cat constraints.txt settings.ini setup.py scripts/setup.sh | sha256sum | cut -c1-16)
 [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && exit 0
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)  # this machine's pip index config is noisy
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" -c constraints.txt torch==2.13.0                      # GPU machine: the CUDA build is wanted
 else  # CPU machine: a local CPU wheel if there is one, else PyTorch's CPU index; never PyPI's CUDA build

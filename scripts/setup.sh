@@ -13,8 +13,8 @@ exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)  # thi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" -c constraints.txt torch==2.13.0                      # GPU machine: the CUDA build is wanted
 else  # CPU machine: a local CPU wheel if there is one, else PyTorch's CPU index; never PyPI's CUDA build
-  "${pip[@]}" -c constraints.txt --no-index torch==2.13.0 2>/dev/null ||
-    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  "${pip[@]}" --no-index --no-deps torch==2.13.0 2>/dev/null ||   # its dependencies come with the next step
+    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
 fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

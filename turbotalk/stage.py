@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_stage.ipynb #c002
 from __future__ import annotations
-import json, math, os, random, shutil, time, warnings
+import json, math, os, random, shutil, sys, time, warnings
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from dataclasses import dataclass, field, fields
@@ -454,7 +454,8 @@ def fit(method:Method,    # networks by role and their two losses
     st, cbs = setup(method, dl, cfg, run, phase), list(callbacks)
     for cb in cbs: cb.on_fit_start(st)
     stream, st.tlog = batches(st.dl, st.acc, st.step * cfg.grad_accum), (time.time(), st.step)
-    bar = tqdm(total=cfg.max_steps, initial=st.step, desc=phase or 'fit', disable=not st.acc.is_main_process)
+    bar = tqdm(total=cfg.max_steps, initial=st.step, desc=phase or 'fit', disable=not st.acc.is_main_process,
+               mininterval=0.1 if sys.stderr.isatty() else 10)  # logs and executed notebooks: one line per 10 s
     try:
         while st.step < cfg.max_steps:
             one_step(st, stream, cbs)

@@ -83,7 +83,7 @@ def test_papermill_tiny_run_writes_records(synth, tmp_path):
     losses = _losses(_rows(out))
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
     assert sorted(p.name for p in (out/'samples').glob('*.mp4')) == ['train_step000002_0.mp4', 'train_step000004_0.mp4']
-    assert (out/'figs'/'train_step000004.png').is_file()
+    assert (out/'figs'/'train_step000004.png').is_file() and (out/'figs'/'loss.png').is_file()
     assert json.loads((out/'results.json').read_text())['train']['wall_s'] > 0
     assert 'papermill nbs/02b_teacher.ipynb' in (out/'cmd.txt').read_text()
     # the exported EMA teacher loads and samples
@@ -175,3 +175,21 @@ def test_new_run_replaces_an_earlier_record_but_never_checkpoints(synth, tmp_pat
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and 'already holds checkpoints' in r.stderr
     assert complete_ckpts(out/'checkpoints') and len(_rows(out)) == len(rows)   # nothing touched
+
+
+# ---------------------------------------------------------------- the shipped teacher
+SHIPPED = ROOT/'papermill_runs'/'teacher'/'synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
+
+def test_shipped_teacher_loads_and_follows_the_audio(tmp_path):
+    "The committed EMA teacher loads into today's code and, at 10 steps, lip-syncs unseen speech (a guard for later stages)."
+    from turbotalk.synthtalk import write_synthtalk
+    from turbotalk.metrics import evaluate
+    from turbotalk.teacher import teacher_generator, swapped_audio_generator
+    model, cfg = load_teacher(SHIPPED)
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000 and (cfg.preset, cfg.steps) == ('synth', 40)
+    data = tmp_path/'st'; write_synthtalk(data, 40, seed=7, size=64, seconds=2.0, workers=0)   # new faces and speech
+    cfg.steps = 10
+    own = evaluate(teacher_generator(model, cfg), data, n_clips=4, bs=4)
+    other = evaluate(swapped_audio_generator(model, cfg), data, n_clips=4, bs=4)
+    assert own['sync_corr'] > 0.7 and other['sync_corr'] < 0.4, (own['sync_corr'], other['sync_corr'])
+    assert own['csim_st'] > 0.85 and other['csim_st'] > 0.85, (own['csim_st'], other['csim_st'])   # identity kept

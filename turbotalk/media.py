@@ -135,18 +135,18 @@ def save_grid(path,          # output .png
               ncol:int=8,    # columns when `frames` is one array
               labels=None):  # optional row labels (list of str), drawn at the left
     "Save frames as a PNG grid with matplotlib (one row per video when given a list)."
-    import matplotlib; matplotlib.use('Agg', force=False); import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend, needs no display
     rows = [to_uint8(f) for f in frames] if isinstance(frames, (list, tuple)) else \
            [to_uint8(frames)[i:i + ncol] for i in range(0, len(frames), ncol)]
     nc = max(len(r) for r in rows)
-    fig, axs = plt.subplots(len(rows), nc, figsize=(nc * 1.1, len(rows) * 1.1), squeeze=False)
+    fig = Figure(figsize=(nc * 1.1, len(rows) * 1.1)); axs = fig.subplots(len(rows), nc, squeeze=False)
     for i, r in enumerate(rows):
         for j in range(nc):
             ax = axs[i, j]; ax.axis('off')
             if j < len(r): ax.imshow(r[j], interpolation='nearest')  # pixel-exact, and PNGs ~4x smaller
         if labels: axs[i, 0].set_title(labels[i], fontsize=7, loc='left')
     fig.tight_layout(pad=0.1); Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100); plt.close(fig); return Path(path)
+    fig.savefig(path, dpi=100); return Path(path)
 
 # %% ../nbs/00a_media.ipynb #c025
 def side_by_side(videos:list, # videos (T,H,W,3), same T and H

@@ -21,8 +21,8 @@ from .core import RunDir, TurboTalkError, seed_everything, save_weights, load_we
 __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet',
            'ToyFlow', 'ToyGAN', 'EMA', 'check_world', 'make_accelerator', 'prepare_data', 'batches', 'sync_grads',
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
-           'step_rng', 'Callback', 'SampleEvery', 'NonFiniteError', 'ckpt_root', 'complete_ckpts', 'check_finite',
-           'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step', 'emergency_save', 'fit']
+           'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
+           'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step', 'emergency_save', 'fit']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -316,7 +316,25 @@ class SampleEvery(Callback):
             with ctx, torch.no_grad(): self.fn(st)
         finally: set_rng_state(s)
 
-# %% ../nbs/02a_stage.ipynb #c036
+# %% ../nbs/02a_stage.ipynb #c035
+def plot_metrics(rows:list,           # metrics.jsonl rows (RunDir.metrics())
+                 keys=('g_loss',),    # the columns to plot against 'step'
+                 path=None,           # save the figure here (PNG) when given
+                 title:str='', log:bool=True, # title; log-scale y
+                 ax=None):            # draw here (e.g. from plt.subplots in a notebook); None: a new headless figure
+    "A figure of metrics against the step (rows without the key, and values <= 0 on a log axis, are left out); saved to `path` if given."
+    from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend, needs no display
+    if ax is None: ax = Figure(figsize=(6, 3)).subplots()
+    fig = ax.figure
+    for k in keys:
+        pts = [(r['step'], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and (r[k] > 0 or not log)]
+        if pts: ax.plot(*zip(*pts), label=k)
+    ax.set(xlabel='step', yscale='log' if log else 'linear'); ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7); fig.tight_layout()
+    if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=100)
+    return fig
+
+# %% ../nbs/02a_stage.ipynb #c038
 class NonFiniteError(TurboTalkError):
     "Training produced non-finite losses, gradients or weights."
 
@@ -337,7 +355,7 @@ def check_finite(st):
     if not torch.stack([torch.isfinite(t).all() for t in ts]).all():
         raise NonFiniteError(f'non-finite weights at step {st.step}: refusing to write them over good checkpoints')
 
-# %% ../nbs/02a_stage.ipynb #c037
+# %% ../nbs/02a_stage.ipynb #c039
 def _cpu(sd:dict) -> dict: return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 def save_ckpt(st) -> Path:
@@ -362,7 +380,7 @@ def save_ckpt(st) -> Path:
     acc.wait_for_everyone()
     return final
 
-# %% ../nbs/02a_stage.ipynb #c038
+# %% ../nbs/02a_stage.ipynb #c040
 def load_ckpt(st, path:Path):
     "Restore weights, EMA, optimisers, scaler, RNG and the step counter from checkpoint `path`."
     st.acc.load_state(str(path))
@@ -387,7 +405,7 @@ def export_weights(st) -> Path:
     st.acc.wait_for_everyone()
     return d
 
-# %% ../nbs/02a_stage.ipynb #c040
+# %% ../nbs/02a_stage.ipynb #c042
 def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='') -> FitState:
     "Accelerator, seeding, device, optimisers, EMA, data; resume from the last complete checkpoint if asked."
     acc = make_accelerator(cfg)
@@ -412,7 +430,7 @@ def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='
                 resumed_from=str(last[0]) if last else '')
     return st
 
-# %% ../nbs/02a_stage.ipynb #c041
+# %% ../nbs/02a_stage.ipynb #c043
 def one_step(st:FitState, stream, cbs:list):
     "One training iteration, its logs, callbacks and periodic checkpoint."
     cfg, acc = st.cfg, st.acc
@@ -433,7 +451,7 @@ def one_step(st:FitState, stream, cbs:list):
     for cb in cbs: cb.on_step_end(st)
     if cfg.ckpt_every and st.step % cfg.ckpt_every == 0: save_ckpt(st)
 
-# %% ../nbs/02a_stage.ipynb #c042
+# %% ../nbs/02a_stage.ipynb #c044
 def emergency_save(st:FitState, e:BaseException):
     "Checkpoint after an exception, if that state is consistent (see above)."
     ok = (st.cfg.ckpt_every and st.acc.num_processes == 1 and not st.dirty and st.step > 0

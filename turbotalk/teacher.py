@@ -12,15 +12,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, ckpt_root, complete_ckpts
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, ckpt_root, complete_ckpts, plot_metrics
 from .data import TalkingHeadDataset, LogMelFeatures, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid
 
 # %% auto #0
-__all__ = ['Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup',
-           'Windows', 'train_data', 'chunk_plan', 'generate', 'eval_clips', 'write_samples', 'sample_hook',
-           'build_teacher', 'train_teacher', 'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control',
-           'swapped_audio_generator', 'evaluate_teacher', 'cli_parser', 'main', 'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod', 'box_mask',
+           'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'chunk_plan', 'generate', 'eval_clips', 'write_samples',
+           'sample_hook', 'build_teacher', 'train_teacher', 'load_config', 'load_teacher', 'teacher_generator',
+           'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -134,7 +134,7 @@ TeacherMethod.loss_weights = _loss_weights
 
 # %% ../nbs/02b_teacher.ipynb #c020
 def _teacher_g_loss(self:TeacherMethod, batch:dict, step:int):
-    "Flow-matching loss of one batch: (loss, logs)."
+    "Flow-matching loss of one batch: (loss, logs); loss_hi / loss_lo: samples with s > 0.5 / s <= 0.5 (0 if none)."
     x0, ref = self.latents(batch)
     s, u, eps = draw(sample_keys(batch, step, self.seed), x0.shape[1:], self.shift, self.dist)
     s, eps = s.to(x0), eps.to(x0)
@@ -295,12 +295,15 @@ def write_samples(run:RunDir, name:str, clips:dict, video:torch.Tensor, every:in
     out.append(save_grid(run.sub('figs')/f'{name}.png', rows, labels=labels))
     return out
 
+LOSS_KEYS = ('g_loss', 'loss_hi', 'loss_lo')  # all samples, noise level s > 0.5, s <= 0.5
+
 def sample_hook(cfg:TeacherConfig, clips:dict):
     "fn(st) for SampleEvery: teacher samples of `clips` with show_steps Euler steps and the run's guidance."
     def fn(st):
         vid, _ = generate(st.method.teacher, clips['ref'], clips['a'], cfg.n_frames, cfg.n_ctx if cfg.p_ctx > 0 else 0,
                           cfg.show_steps, cfg.sample_shift, (cfg.s_ref, cfg.s_audio), st.method.codec, cfg.seed)
         write_samples(st.run, f'train_step{st.step:06d}', clips, vid)
+        plot_metrics(st.run.metrics(), LOSS_KEYS, st.run.path/'figs'/'loss.png', title=f'{st.run.path.name}: flow-matching loss')
     return fn
 
 # %% ../nbs/02b_teacher.ipynb #c041

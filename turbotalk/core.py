@@ -85,6 +85,13 @@ class RunDir:
         p = self.path/'metrics.jsonl'
         return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
     def write_results(self, d:dict): (self.path/'results.json').write_text(json.dumps(_jsonable(d), indent=2))
+    def results(self) -> dict:
+        "Read results.json back (empty dict if none)."
+        p = self.path/'results.json'
+        return json.loads(p.read_text()) if p.exists() else {}
+    def update_results(self, **kw) -> dict:
+        "Set top-level keys of results.json, keeping the others; return the whole record."
+        d = {**self.results(), **kw}; self.write_results(d); return d
     def write_cmd(self, cmd:str|None=None):
         "Record the command that made the run: `cmd`, else $TURBOTALK_CMD (set by papermill wrappers), else argv."
         (self.path/'cmd.txt').write_text((cmd or os.environ.get('TURBOTALK_CMD') or ' '.join(sys.argv)) + '\n')

@@ -22,7 +22,8 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
            'ToyFlow', 'ToyGAN', 'EMA', 'check_world', 'make_accelerator', 'prepare_data', 'batches', 'sync_grads',
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
            'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
-           'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step', 'emergency_save', 'fit']
+           'last_ckpt', 'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step',
+           'emergency_save', 'fit']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -349,6 +350,14 @@ def complete_ckpts(root:Path) -> list:
     ps = [p for p in Path(root).glob('step_*') if p.suffix != '.tmp' and (p/'progress.json').exists()]
     return sorted(ps, key=lambda p: int(p.name[5:]))
 
+def last_ckpt(run:RunDir, phase:str='', resume:bool=True) -> list:
+    "[the last complete checkpoint] or []; a run that does not resume must not find any (it would overwrite them)."
+    last = complete_ckpts(ckpt_root(run, phase))[-1:]
+    if last and not resume:
+        raise TurboTalkError(f'{ckpt_root(run, phase)} already holds checkpoints: resume=True continues them; '
+                             'delete the folder (or use another run directory) to start over')
+    return last
+
 def check_finite(st):
     "Raise NonFiniteError if any trainable weight or EMA weight is not finite."
     ts = st.method.role_params(st.method.g_roles + st.method.d_roles) + (list(st.ema.parameters()) if st.ema else [])
@@ -420,10 +429,7 @@ def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='
     opts = {'g': adamw(method.g_params(), cfg.lr_g)}
     if method.d_roles: opts['d'] = adamw(method.d_params(), cfg.lr_d)
     st = FitState(method, acc, cfg, run, phase, prepare_data(dl, acc, cfg), opts, EMA(method, cfg.ema) if cfg.ema else None)
-    last = complete_ckpts(ckpt_root(run, phase))[-1:]
-    if last and not cfg.resume:
-        raise TurboTalkError(f'{ckpt_root(run, phase)} already holds checkpoints: resume=True continues them; '
-                             'delete the folder (or use another run directory) to start over')
+    last = last_ckpt(run, phase, cfg.resume)
     if last: load_ckpt(st, last[0])
     if acc.is_main_process:
         run.log(st.step, event='start', **({'phase': phase} if phase else {}), num_processes=acc.num_processes,

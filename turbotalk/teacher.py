@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights
+from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, ckpt_root, complete_ckpts, plot_metrics
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics
 from .data import TalkingHeadDataset, LogMelFeatures, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid
 
@@ -141,8 +141,9 @@ def _teacher_g_loss(self:TeacherMethod, batch:dict, step:int):
     drop_ref, drop_a = (d.to(x0.device) for d in drop_flags(u, *self.p))
     use_ctx = self.p_ctx > 0 and torch.rand(1, generator=step_rng(step, self.seed)).item() < self.p_ctx
     ctx = x0[:, :, :self.n_ctx] if use_ctx else None
-    v = self.teacher(add_noise(x0, eps, s), s, ref=ref, a=batch['a'], ctx=ctx, drop_ref=drop_ref, drop_a=drop_a)
-    w, xt = self.loss_weights(batch, x0), add_noise(x0, eps, s)
+    xt = add_noise(x0, eps, s)
+    v = self.teacher(xt, s, ref=ref, a=batch['a'], ctx=ctx, drop_ref=drop_ref, drop_a=drop_a)
+    w = self.loss_weights(batch, x0)
     d = v.float() - v_target(x0, eps).float() if self.loss == 'v' else x0_from_v(xt, s, v).float() - x0.float()
     err = (d.pow(2) * w).sum((1, 2, 3, 4)) / (w.sum((1, 2, 3, 4)) * x0.shape[1])
     hi = s > 0.5
@@ -318,18 +319,14 @@ def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0
 
 def _record_train(run:RunDir, wall_s:float, steps:int):
     "Add one training segment (wall time of `fit`, steps reached) to results.json['train']."
-    p = run.path/'results.json'; res = json.loads(p.read_text()) if p.exists() else {}
-    segs = res.get('train', {}).get('segments', []) + [dict(wall_s=round(wall_s, 1), until_step=steps)]
-    from turbotalk.core import env_info
-    res['train'] = dict(wall_s=round(sum(s['wall_s'] for s in segs), 1), steps=steps, segments=segs, device=env_info()['device'],
-                        threads=torch.get_num_threads())
-    run.write_results(res)
+    segs = run.results().get('train', {}).get('segments', []) + [dict(wall_s=round(wall_s, 1), until_step=steps)]
+    run.update_results(train=dict(wall_s=round(sum(s['wall_s'] for s in segs), 1), steps=steps, segments=segs,
+                                  device=env_info()['device'], threads=torch.get_num_threads()))
 
 def _fresh_record(run:RunDir, resume:bool):
     "A new (not resumed) run replaces the record of an earlier one in its folder (e.g. the committed run): never its checkpoints."
     if resume: return
-    if complete_ckpts(ckpt_root(run)): raise TurboTalkError(f'{ckpt_root(run)} already holds checkpoints: resume=True '
-                                                            'continues them; delete the folder (or use another run directory) to start over')
+    last_ckpt(run, resume=False)   # raises if the folder holds checkpoints
     for f in ('metrics.jsonl', 'results.json'): (run.path/f).unlink(missing_ok=True)
 
 def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, list]:
@@ -408,12 +405,9 @@ def evaluate_teacher(run_dir,          # a teacher run (config.json, weights/)
             _eval_row(evaluate, swapped_audio_generator(model, cfg), cfg, n, bs, probes, "teacher driven by another clip's audio"),
             _eval_row(evaluate, None, cfg, n, bs, probes, 'ground truth')]
     _show_test(run, cfg, cache, n_show)
-    res = json.loads((run.path/'results.json').read_text()) if (run.path/'results.json').exists() else {}
-    res.update(rows=rows, eval=dict(n_clips=len(cache), n_frames=48, chunk=cfg.n_frames, steps=cfg.steps,
-               guidance=[cfg.s_ref, cfg.s_audio], nfe_per_chunk=info[0]['nfe_per_chunk'], chunks_per_clip=info[0]['chunks'],
-               generate_wall_s=round(gen_s, 1), split='test'))
-    run.write_results(res)
-    return res
+    return run.update_results(rows=rows, eval=dict(n_clips=len(cache), n_frames=48, chunk=cfg.n_frames, steps=cfg.steps,
+        guidance=[cfg.s_ref, cfg.s_audio], nfe_per_chunk=info[0]['nfe_per_chunk'], chunks_per_clip=info[0]['chunks'],
+        generate_wall_s=round(gen_s, 1), split='test'))
 
 # %% ../nbs/02b_teacher.ipynb #c048
 def _show_test(run:RunDir, cfg:TeacherConfig, cache:dict, k:int):

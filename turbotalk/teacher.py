@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse, json, math, os, zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
-import numpy as np, torch, torch.nn.functional as F
+import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics
 from .data import TalkingHeadDataset, LogMelFeatures, load_clip, to_x, find_videos
-from .media import write_mp4, side_by_side, save_grid
+from .media import write_mp4, side_by_side, save_grid, to_uint8
 
 # %% auto #0
 __all__ = ['LOSS_KEYS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod', 'box_mask',
@@ -283,7 +283,7 @@ def eval_clips(root, split:str='test', n:int=16, size:int=64, seconds:float=2.0,
                 audio=torch.stack([a[:L] for a in auds]), paths=[str(p) for p in paths], fps=25.0, sr=16000)
 
 # %% ../nbs/02b_teacher.ipynb #c039
-def _u8(x:torch.Tensor) -> np.ndarray: return ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+def _u8(x:torch.Tensor) -> np.ndarray: return to_uint8((x.permute(0, 2, 3, 1).float() + 1) / 2)  # (T, 3, H, W) in [-1, 1] -> (T, H, W, 3)
 
 def write_samples(run:RunDir, name:str, clips:dict, video:torch.Tensor, every:int=6) -> list[Path]:
     "samples/<name>_<i>.mp4 (ground truth | generated, with sound) per clip and figs/<name>.png; returns the paths."

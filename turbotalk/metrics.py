@@ -16,13 +16,14 @@ from .core import TurboTalkError, MediaError, WeightsError, seed_everything, sav
 
 # %% auto #0
 __all__ = ['MOUTH_CROP', 'SYNCNET_SIZES', 'PROBE_NAMES', 'PROBES_RUN', 'PROBE_STEPS', 'INCEPTION_FILE', 'I3D_FILE', 'DIST_KEYS',
-           'LPIPS_BACKBONES', 'NOTE_SEP', 'ROW_KEYS', 'MetricUnavailable', 'as_video', 'check_audio', 'ProbeNet',
-           'mouth_sync', 'syncnet_mfcc', 'SyncNetConfig', 'SyncNet', 'load_syncnet', 'sync_windows', 'sync_protocol',
-           'sync_score', 'ClipNet', 'probe_config', 'Probes', 'probe_readings', 'default_probes_dir', 'save_probes',
-           'load_probes', 'synth_gt_clips', 'gt_clips', 'fit_regressor', 'fit_identity', 'fit_sync', 'fit_clipnet',
-           'fit_probes', 'probe_report', 'FrameFeatures', 'ClipFeatures', 'inception_fid', 'I3DFeatures', 'i3d_fvd',
-           'DistMetrics', 'csim', 'psnr_ssim', 'flicker', 'LPIPS', 'blur', 'add_noise', 'freeze_mouth', 'delay_audio',
-           'shuffled_audio', 'video_folder', 'clip_metrics', 'evaluate', 'write_table', 'resolve_generator']
+           'LPIPS_BACKBONES', 'DIV_KEYS', 'NOTE_SEP', 'ROW_KEYS', 'MetricUnavailable', 'as_video', 'check_audio',
+           'ProbeNet', 'mouth_sync', 'syncnet_mfcc', 'SyncNetConfig', 'SyncNet', 'load_syncnet', 'sync_windows',
+           'sync_protocol', 'sync_score', 'ClipNet', 'probe_config', 'Probes', 'probe_readings', 'default_probes_dir',
+           'save_probes', 'load_probes', 'synth_gt_clips', 'gt_clips', 'fit_regressor', 'fit_identity', 'fit_sync',
+           'fit_clipnet', 'fit_probes', 'probe_report', 'FrameFeatures', 'ClipFeatures', 'inception_fid', 'I3DFeatures',
+           'i3d_fvd', 'DistMetrics', 'csim', 'psnr_ssim', 'flicker', 'LPIPS', 'sample_spread', 'blur', 'add_noise',
+           'freeze_mouth', 'freeze_head', 'delay_audio', 'copy_reference', 'temporal_blur', 'shuffled_audio',
+           'video_folder', 'clip_metrics', 'evaluate', 'write_table', 'resolve_generator']
 
 # %% ../nbs/05_eval.ipynb #c005
 class MetricUnavailable(TurboTalkError, RuntimeError):
@@ -99,14 +100,16 @@ def mouth_sync(pred,          # (T,) mouth opening read from the video
                target,        # (T,) opening implied by the audio
                max_lag:int=5  # lags searched: -max_lag..max_lag frames
               ) -> dict:
-    "Sync-corr (lag 0), Sync-MAE and the lag in frames that maximises the correlation (+ its correlation)."
+    "Sync-corr (lag 0; 0 and sync_undefined=1 for a constant series), Sync-MAE, and the lag that maximises the correlation."
     p, o = np.asarray(pred, np.float64).reshape(-1), np.asarray(target, np.float64).reshape(-1)
     if len(p) != len(o): raise ValueError(f'mouth_sync: {len(p)} readings vs {len(o)} targets')
     if len(p) < 3: raise ValueError(f'mouth_sync: need at least 3 frames, got {len(p)}')
     lags = [k for k in range(-max_lag, max_lag + 1) if len(p) - abs(k) >= 3]
     cs = np.array([_corr(p[max(k, 0):len(p) + min(k, 0)], o[max(-k, 0):len(o) - max(k, 0)]) for k in lags])
     best = int(np.nanargmax(cs)) if np.isfinite(cs).any() else lags.index(0)
-    return dict(sync_corr=_corr(p, o), sync_mae=float(np.abs(p - o).mean()), sync_lag=lags[best], sync_lag_corr=float(cs[best]))
+    r = _corr(p, o); bad = math.isnan(r)   # a constant series: no linear relation to the audio -> 0, flagged
+    return dict(sync_corr=0.0 if bad else r, sync_mae=float(np.abs(p - o).mean()), sync_lag=lags[best],
+                sync_lag_corr=float(np.nan_to_num(cs[best])), sync_undefined=int(bad))
 
 # %% ../nbs/05_eval.ipynb #c015
 def _mel_fbank(nfilt:int, nfft:int, sr:int) -> np.ndarray:
@@ -661,6 +664,21 @@ def _load_lpips_backbone(net:nn.Module, sd:dict, path):
     try: net.load_state_dict({k: feats[n] for k, n in want.items()})
     except RuntimeError as e: raise WeightsError(f'{path} does not fit the LPIPS backbone: {e}') from e
 
+# %% ../nbs/05_eval.ipynb #c066b
+DIV_KEYS = ('div_pose', 'div_mouth', 'div_pix')
+
+@torch.no_grad()
+def sample_spread(probes:Probes,  # reads pose and mouth
+                  videos          # (k,T,3,H,W) in [-1,1]: k samples of ONE condition (k >= 2)
+                 ) -> dict:
+    "Spread across samples of one condition: std over the k samples, mean over frames, of pose (deg), mouth opening and pixels (8-bit)."
+    if len(videos) < 2: raise ValueError(f'sample_spread needs at least 2 samples of a condition, got {len(videos)}')
+    r = [probe_readings(probes, v) for v in videos]
+    pose = torch.stack([torch.stack([x['yaw'], x['pitch'], x['roll']], 1) for x in r])            # (k,T,3) radians
+    mouth, pix = torch.stack([x['open'] for x in r]), torch.stack([as_video(v) for v in videos])  # (k,T), (k,T,3,H,W)
+    return dict(div_pose=float(pose.std(0).mean() * 180 / math.pi), div_mouth=float(mouth.std(0).mean()),
+                div_pix=float(pix.std(0).mean() * 255))
+
 # %% ../nbs/05_eval.ipynb #c068
 def blur(video, sigma:float) -> torch.Tensor:
     "Gaussian blur of every frame with std `sigma` pixels (separable, reflect padding); sigma 0 is the identity."
@@ -677,28 +695,55 @@ def add_noise(video, std:float, seed:int=0) -> torch.Tensor:
     return (v + std * torch.randn(v.shape, generator=g)).clamp(0, 1) * 2 - 1
 
 # %% ../nbs/05_eval.ipynb #c069
+def _rerender(clip, n:int|None, edit) -> torch.Tensor:
+    "The clip plus the exact difference of two re-renders of its ground truth (as is, and after `edit(track)`), float (T,3,H,W) in [-1,1]."
+    from turbotalk.synthtalk import Identity, render_frames
+    g, T = clip.gt, n or len(clip.frames); idt = Identity(**json.loads(g['identity']))
+    tr = {k: g[k][:T].numpy().copy() for k in ('yaw', 'pitch', 'roll', 'tx', 'ty', 'mouth_open', 'mouth_width', 'blink')}
+    rend = lambda d: render_frames(idt, np.stack([d[k] for k in ('yaw', 'pitch', 'roll', 'tx', 'ty')], 1), d['mouth_open'],
+                                   d['mouth_width'], d['blink'], clip.frames.shape[1]).astype(np.float32)
+    a = rend(tr); edit(tr); d = rend(tr) - a
+    return torch.from_numpy((clip.frames[:T].numpy().astype(np.float32) + d).clip(0, 255)).permute(0, 3, 1, 2) / 127.5 - 1
+
 def freeze_mouth(clip,            # data.Clip with SynthTalk ground truth (identity, pose, mouth, blink)
                  frac:float,      # fraction of frames, at the end, whose mouth is frozen
                  n:int|None=None  # frames to use (default all)
                 ) -> torch.Tensor:
     "The clip with its mouth frozen over the last `frac` of the frames (exact re-render difference), float (T,3,H,W) in [-1,1]."
-    from turbotalk.synthtalk import Identity, render_frames
-    g, T = clip.gt, n or len(clip.frames)
-    idt = Identity(**json.loads(g['identity'])); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
-    pose = torch.stack([g[k][:T] for k in ('yaw', 'pitch', 'roll', 'tx', 'ty')], 1).numpy()
-    o, w, b = (g[k][:T].numpy().copy() for k in ('mouth_open', 'mouth_width', 'blink'))
-    size = clip.frames.shape[1]; a = render_frames(idt, pose, o, w, b, size).astype(np.float32)
-    o[t0:], w[t0:] = o[t0], w[t0]
-    d = render_frames(idt, pose, o, w, b, size).astype(np.float32) - a
-    f = (clip.frames[:T].numpy().astype(np.float32) + (d if frac > 0 else 0)).clip(0, 255)
-    return torch.from_numpy(f).permute(0, 3, 1, 2) / 127.5 - 1
+    T = n or len(clip.frames); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
+    def edit(tr):
+        if frac > 0: tr['mouth_open'][t0:], tr['mouth_width'][t0:] = tr['mouth_open'][t0], tr['mouth_width'][t0]
+    return _rerender(clip, n, edit)
 
+def freeze_head(clip, frac:float, n:int|None=None) -> torch.Tensor:
+    "The clip with its head pose frozen over the last `frac` of the frames while mouth and blinks move on."
+    T = n or len(clip.frames); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
+    def edit(tr):
+        if frac > 0:
+            for k in ('yaw', 'pitch', 'roll', 'tx', 'ty'): tr[k][t0:] = tr[k][t0]
+    return _rerender(clip, n, edit)
+
+# %% ../nbs/05_eval.ipynb #c069a
 def delay_audio(audio, k:int, sr:int=16000, fps:float=25) -> np.ndarray:
     "Delay the waveform by k video frames (k < 0: advance it), keeping its length; zeros fill the gap."
     a = np.asarray(audio, np.float32).reshape(-1); s = round(abs(k) * sr / fps)
     if s == 0: return a.copy()
     if s >= len(a): return np.zeros_like(a)
     return np.r_[np.zeros(s, np.float32), a[:-s]] if k > 0 else np.r_[a[s:], np.zeros(s, np.float32)]
+
+# %% ../nbs/05_eval.ipynb #c069b
+def copy_reference(ref, n_frames:int) -> torch.Tensor:
+    "The trivial 'generator': the reference frame repeated n_frames times, float (T,3,H,W) in [-1,1]."
+    return (as_video(torch.as_tensor(ref)[None], name='reference') * 2 - 1).expand(n_frames, -1, -1, -1).clone()
+
+def temporal_blur(video, tau:float) -> torch.Tensor:
+    "Gaussian moving average over time with std `tau` frames (edges renormalised); tau 0 is the identity."
+    v = as_video(video) * 2 - 1
+    if tau <= 0: return v
+    r = max(1, math.ceil(3 * tau)); k = torch.exp(-0.5 * (torch.arange(-r, r + 1.) / tau) ** 2)
+    x = F.conv1d(F.pad(v.permute(1, 2, 3, 0).reshape(-1, 1, len(v)), (r, r)), k.view(1, 1, -1))
+    w = F.conv1d(F.pad(torch.ones(1, 1, len(v)), (r, r)), k.view(1, 1, -1))
+    return (x / w).reshape(*v.shape[1:], len(v)).permute(3, 0, 1, 2)
 
 # %% ../nbs/05_eval.ipynb #c072
 def shuffled_audio(batch:dict) -> torch.Tensor:
@@ -735,7 +780,7 @@ def clip_metrics(probes:Probes, video, audio, ref=None, gt=None, syncnet:SyncNet
     if ref is not None: out['csim_st'] = csim(probes, video, ref)
     out['flicker'] = flicker(video)
     if gt is not None:
-        out |= psnr_ssim(video, gt); out['flicker_excess'] = out['flicker'] - flicker(gt)
+        out |= psnr_ssim(video, gt); out['flicker_gt'] = flicker(gt); out['flicker_excess'] = out['flicker'] - out['flicker_gt']
         if lpips is not None: out['lpips'] = lpips(video, gt)
     return out
 
@@ -761,21 +806,32 @@ def _optional(syncnet, lpips, device) -> tuple[dict, dict]:
 NOTE_SEP = ' || '   # separates the notes of one row
 ROW_KEYS = ('name', 'n_clips', 'n_frames', 'sync_corr', 'sync_mae', 'sync_lag', 'sync_c_st', 'sync_d_st', 'sync_offset0_st',
             'sync_c', 'sync_d', 'fid_st', 'kid_st', 'fvd_st', 'fid_st_face', 'fvd_st_face', 'fid', 'fvd', 'csim_st', 'psnr', 'ssim', 'lpips',
-            'flicker', 'flicker_excess', 'n_sync_undefined', 'notes')
+            'flicker', 'flicker_excess', 'flicker_rel', *DIV_KEYS, 'n_sync_undefined', 'notes')
+_DERIVED = ('notes', 'sync_offset0_st', 'n_sync_undefined', 'flicker_rel', *DIV_KEYS)
 
-def _summarise(rows:list, dist:dict, notes:dict, name:str, n_frames:int) -> dict:
-    "One table row: means over clips (median lag, offset-0 fraction), distribution metrics, notes."
+def _summarise(rows:list, dist:dict, notes:dict, name:str, n_frames:int, div:dict|None=None) -> dict:
+    "One table row: means over clips (median lag, offset-0 fraction, flicker ratio), distribution metrics, diversity, notes."
     col = lambda k: np.array([r.get(k, np.nan) for r in rows], np.float64)
     out = dict(name=name, n_clips=len(rows), n_frames=n_frames)
     for k in ROW_KEYS:
-        if k in out or k in dist or k in ('notes', 'sync_offset0_st', 'n_sync_undefined'): continue
+        if k in out or k in dist or k in _DERIVED: continue
         c = col(k); out[k] = None if np.isnan(c).all() else float(np.nanmedian(c) if k == 'sync_lag' else np.nanmean(c))
     out['sync_offset0_st'] = float((col('sync_offset_st') == 0).mean())
-    out['n_sync_undefined'] = int(np.isnan(col('sync_corr')).sum())
-    out |= dist; out['notes'] = NOTE_SEP.join(f'{k}: {v}' for k, v in notes.items())
+    out['n_sync_undefined'] = int(np.nansum(col('sync_undefined')))
+    fg = np.nanmean(col('flicker_gt')) if not np.isnan(col('flicker_gt')).all() else np.nan
+    out['flicker_rel'] = float(out['flicker'] / fg) if fg > 0 else None
+    out |= dist | (div or {}); out['notes'] = NOTE_SEP.join(f'{k}: {v}' for k, v in notes.items())
     return {k: out.get(k) for k in ROW_KEYS}
 
 # %% ../nbs/05_eval.ipynb #c076
+def _diversity(gen, probes, batches, seeds:list) -> dict:
+    "Mean over clips of `sample_spread` of the generator's samples for each seed (batch['seed'] = s)."
+    sp = []
+    for b in batches:
+        with torch.no_grad(): vids = torch.stack([torch.as_tensor(gen({**b, 'seed': s})).float().cpu() for s in seeds], 1)
+        sp += [sample_spread(probes, v) for v in vids]                       # vids: (B,k,T,3,H,W)
+    return {k: float(np.mean([s[k] for s in sp])) for k in DIV_KEYS}
+
 def evaluate(gen:Callable|None,   # batch -> (B,T,3,H,W) in [-1,1]; None = the ground truth itself
              root,                # SynthTalk folder (DIR/<split>/*.mp4 + .json)
              probes=None,         # Probes, a probe folder, or None for the shipped probes
@@ -784,6 +840,7 @@ def evaluate(gen:Callable|None,   # batch -> (B,T,3,H,W) in [-1,1]; None = the g
              split:str='test', ref_split:str='val', # evaluated split; disjoint real split for FID / KID / FVD
              bs:int=8, device='cpu', features=None, # batch size; device; audio features for the batches (LogMelFeatures)
              syncnet=None, inception=None, i3d=None, lpips=None, # local weight files of the standard networks
+             div_seeds:int=0, div_clips:int=8, div_frames:int=16, # diversity: seeds per condition (0: off), clips, frames
              name:str='', seed:int=0) -> dict:
     "Evaluate a generator on the SynthTalk test split: one row of all metrics (see ROW_KEYS), None + a note where unavailable."
     probes = probes.to(device) if isinstance(probes, Probes) else load_probes(probes, device)
@@ -798,7 +855,12 @@ def evaluate(gen:Callable|None,   # batch -> (B,T,3,H,W) in [-1,1]; None = the g
         if fake.shape != b['x'].shape: raise ValueError(f'generator returned {tuple(fake.shape)}, expected {tuple(b["x"].shape)} (B,T,3,H,W) in [-1,1]')
         for i in range(len(fake)):
             rows.append(clip_metrics(probes, fake[i], b['audio'][i], b['ref'][i], b['x'][i], **opt)); dm.update(fake[i], real=False)
-    return _summarise(rows, dm.compute(seed), {**notes, **dm.notes}, name, n_frames)
+    div = None
+    if div_seeds >= 2 and gen is None: notes['diversity'] = 'n/a for the ground truth (one sample per condition)'
+    elif div_seeds >= 2:
+        div = _diversity(gen, probes, _batches(root, split, div_clips, div_frames, bs, probes.size, features, seed),
+                         [seed + 1 + i for i in range(div_seeds)])
+    return _summarise(rows, dm.compute(seed), {**notes, **dm.notes}, name, n_frames, div)
 
 # %% ../nbs/05_eval.ipynb #c077
 def _fmt(v) -> str:

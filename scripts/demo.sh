@@ -3,17 +3,19 @@
 # whose executed copies and records land under papermill_runs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH" MPLBACKEND=Agg
+export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
+unset MPLBACKEND   # papermill kernels keep the inline backend, so executed notebooks keep their figures
 data=${SYNTHTALK:-data/synthtalk}
 runs=${RUNS:-papermill_runs}
+nb_rel() { case "$1" in /*) echo "$1";; *) echo "../$1";; esac; }   # a path as seen from nbs/ (papermill --cwd nbs)
 pm() { mkdir -p "$(dirname "$2")"; TURBOTALK_CMD="papermill $*" papermill --log-level WARNING "$@"; }  # cmd.txt records it
 
-echo "== 1/3 SynthTalk benchmark -> $data"
+echo "== 1/4 SynthTalk benchmark -> $data"
 [ -f "$data/meta.json" ] || python -m turbotalk.synthtalk --out "$data" --n-clips 500 --seed 0 --split all
-echo "== 2/3 data chapter: a clip seen and heard, model-free sync check -> $runs/synthtalk"
+echo "== 2/4 data chapter: a clip seen and heard, model-free sync check -> $runs/synthtalk"
 pm nbs/01_data.ipynb "$runs/synthtalk/01_data.ipynb" -p data "$data" -p split test -p out "$runs/synthtalk"
 python -c "import json; print(json.load(open('$runs/synthtalk/results.json')))"
-echo "== 3/3 teacher: train the embedded synth teacher (flow matching, 1800 steps), then score it on the test split"
+echo "== 3/4 teacher: train the embedded synth teacher (flow matching, 1800 steps), then score it on the test split"
 echo "   (40 steps x 3 CFG; about 25 min of training + 30 min of sampling on a 2-core CPU) -> $runs/teacher"
 teacher=$runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0
 # one torch thread: as the committed run (two runs gave the same losses at every step); faster than 2 on a busy 2-core CPU
@@ -22,3 +24,10 @@ python -c "
 import json; r = json.load(open('$teacher/results.json'))
 print('training', r['train']['wall_s'], 's on', r['train']['device'])
 for row in r['rows']: print(f\"{row['name']:40s} Sync-corr {row['sync_corr']:.3f}  CSIM-ST {row['csim_st']:.3f}  FID-ST {row['fid_st']:.3f}\")"
+echo "== 4/4 evaluation v2: the baseline rows every later table carries (ground truth, copy-the-reference, the undistilled"
+echo "   teacher at 1, 3, 4, 6 and 120 NFE, with sample diversity), cached per (data, probes, teacher); the metric checks"
+echo "   (about 25 min the first time, a few minutes when the cached rows still match) -> $runs/eval/synthtalk_test32"
+ev=$runs/eval/synthtalk_test32; mkdir -p "$ev"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pm nbs/05_eval.ipynb "$ev/05_eval.ipynb" --cwd nbs -p root "$(nb_rel "$data")" -p n_clips 32 \
+  -p out "$(nb_rel "$ev")" -p teacher "$(nb_rel "$teacher")"
+cat "$ev/compare.md"

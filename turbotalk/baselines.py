@@ -89,14 +89,14 @@ def sampler_row(gen:Callable|None, # gen(batch) (None: the ground truth)
                 name:str, nfe:int|None, # row name; network evaluations per chunk (None: not a sampler)
                 data, probes=None, # SynthTalk folder; probes (folder or Probes; None = shipped)
                 n_clips:int=32, n_frames:int=48, bs:int=16, div_seeds:int=4, div_clips:int=8, div_frames:int=16,
-                seed:int=0) -> dict:
+                features=None, seed:int=0) -> dict:   # audio front end of the model (None: LogMelFeatures())
     "metrics.evaluate row + nfe, speedup (TEACHER_NFE / nfe), gen_s_per_clip (wall time inside the generator) and device."
     spent = [0.0]
     def timed(b):
         t0 = time.perf_counter(); v = gen(b); spent[0] += time.perf_counter() - t0; return v
     n_gen = n_clips + (div_clips * div_seeds if div_seeds >= 2 else 0)
     row = evaluate(timed if gen else None, data, probes, n_clips, n_frames, bs=bs, div_seeds=div_seeds, div_clips=div_clips,
-                   div_frames=div_frames, name=name, seed=seed)
+                   div_frames=div_frames, features=features, name=name, seed=seed)
     return row | dict(nfe=nfe, speedup=TEACHER_NFE / nfe if nfe else None,
                       gen_s_per_clip=spent[0] / n_gen if gen else None, device=env_info()['device'])
 
@@ -108,7 +108,7 @@ def baseline_rows(teacher,            # teacher run folder (config.json, weights
                   samplers=BASELINES, n_clips:int=32, n_frames:int=48, bs:int=16,
                   div_seeds:int=4, div_clips:int=8, div_frames:int=16, seed:int=0, log=print) -> list[dict]:
     "The baseline rows, each read from the cache when its key matches, else evaluated and cached."
-    from turbotalk.teacher import load_teacher
+    from turbotalk.teacher import load_teacher, teacher_features
     probes, cache, model = Path(probes or default_probes_dir()), Path(out)/'baselines', None
     cache.mkdir(parents=True, exist_ok=True)
     st = dict(n_clips=n_clips, n_frames=n_frames, div_seeds=div_seeds, div_clips=div_clips, div_frames=div_frames, seed=seed)
@@ -118,8 +118,9 @@ def baseline_rows(teacher,            # teacher run folder (config.json, weights
         row = _read_cached(p, key)
         if row is None:
             if s.kind == 'teacher' and model is None: model, tcfg = load_teacher(teacher)
-            t0 = time.time(); row = sampler_row(sampler_generator(s, model, tcfg if model else None), s.name,
-                                                s.nfe if s.kind != 'gt' else None, data, probes, bs=bs, **st)
+            t0, tc = time.time(), tcfg if model else None
+            row = sampler_row(sampler_generator(s, model, tc), s.name, s.nfe if s.kind != 'gt' else None, data, probes, bs=bs,
+                              features=teacher_features(tc) if tc else None, **st)
             tmp = p.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, row=row, wall_s=round(time.time() - t0, 1)), indent=1))
             os.replace(tmp, p); log(f'{s.name}: evaluated in {time.time() - t0:.0f} s -> {p}')
         else: log(f'{s.name}: cached ({p})')

@@ -14,9 +14,9 @@ from .core import MediaError, WeightsError
 from .media import read_video, load_audio, load_image
 
 # %% auto #0
-__all__ = ['VIDEO_EXTS', 'logmel', 'frame_windows', 'AudioFeatures', 'LogMelFeatures', 'Wav2Vec2Features', 'square_resize',
-           'retime', 'Clip', 'read_sidecar', 'load_clip', 'to_x', 'load_ref', 'cached_clip', 'cached_feats',
-           'find_videos', 'TalkingHeadDataset']
+__all__ = ['VIDEO_EXTS', 'logmel', 'frame_windows', 'AudioFeatures', 'level_reference', 'LogMelFeatures', 'AudioAug',
+           'Wav2Vec2Features', 'square_resize', 'retime', 'Clip', 'read_sidecar', 'load_clip', 'to_x', 'load_ref',
+           'cached_clip', 'cached_feats', 'find_videos', 'TalkingHeadDataset']
 
 # %% ../nbs/01_data.ipynb #c005
 def logmel(audio,           # mono waveform (N,)
@@ -61,16 +61,52 @@ class AudioFeatures:
         f, rate = self.feats(audio, sr, fps, n_frames)
         return frame_windows(f, rate, fps, n_frames, self.ctx)
 
+# %% ../nbs/01_data.ipynb #c013a
+def level_reference(level,               # (F,) frame levels e_t (ln power)
+                    rate:float,          # steps per second
+                    history:float=3.0,   # seconds looked back
+                    lookahead:float=0.1, # seconds looked ahead (streaming latency)
+                    q:float=95.,         # percentile
+                    floor:float=-9.0     # lowest reference (ln power; about -67 dB re a full-scale sine)
+                   ) -> np.ndarray:
+    "Per step t: the q-th percentile of `level` over [t - history, t + lookahead] (what exists of it), at least `floor`."
+    h, a = max(0, round(history * rate)), max(0, round(lookahead * rate))
+    x = np.pad(np.asarray(level, np.float64).reshape(-1), (h, a), constant_values=np.nan)
+    w = np.lib.stride_tricks.sliding_window_view(x, h + a + 1)
+    return np.maximum(np.nanpercentile(w, q, axis=1), floor)
+
 # %% ../nbs/01_data.ipynb #c014
 class LogMelFeatures(AudioFeatures):
-    "Log-mel per video frame with context: (T, W, n_mels), W = round((2 ctx + 1) * sr / hop / fps)."
-    def __init__(self, n_mels:int=80, ctx:int=2, hop:int=160, win:int=400):
-        self.n_mels, self.ctx, self.hop, self.win = n_mels, ctx, hop, win
-        self.key = f'logmel{n_mels}-h{hop}-w{win}'
+    "Log-mel per video frame with context: (T, W, n_mels), W = round((2 ctx + 1) * sr / hop / fps); norm 'level': relative to the level."
+    def __init__(self, n_mels:int=80, ctx:int=2, hop:int=160, win:int=400,
+                 norm:str='none',      # 'none' (absolute ln power) or 'level' (relative to level_reference, clamped at -clamp)
+                 history:float=3.0, lookahead:float=0.1, clamp:float=12.0):
+        if norm not in ('none', 'level'): raise ValueError(f"norm must be 'none' or 'level', got {norm!r}")
+        self.n_mels, self.ctx, self.hop, self.win, self.norm = n_mels, ctx, hop, win, norm
+        self.history, self.lookahead, self.clamp = history, lookahead, clamp
+        self.key = f'logmel{n_mels}-h{hop}-w{win}' + (f'-level{history:g}-{lookahead:g}-{clamp:g}' if norm == 'level' else '')
     def feats(self, audio, sr, fps, n_frames):
         m = logmel(audio, sr, self.n_mels, self.hop, self.win)
+        if self.norm == 'level':
+            from scipy.special import logsumexp
+            r = level_reference(logsumexp(m, 0), sr / self.hop, self.history, self.lookahead)
+            m = np.maximum(m - r[None].astype(np.float32), -self.clamp)
         return torch.from_numpy(m.T.copy()), sr / self.hop
-    def __repr__(self): return f'LogMelFeatures(n_mels={self.n_mels}, ctx={self.ctx})'
+    def __repr__(self): return f'LogMelFeatures(n_mels={self.n_mels}, ctx={self.ctx}, norm={self.norm!r})'
+
+# %% ../nbs/01_data.ipynb #c015b
+@dataclass
+class AudioAug:
+    "Random gain (dB) and, with probability p_noise, white noise at a random SNR (dB re the clip RMS)."
+    gain_db: tuple = (-30., 0.)
+    p_noise: float = 0.5
+    snr_db: tuple = (15., 40.)
+    def __call__(self, audio, rng:np.random.Generator) -> np.ndarray:
+        a = np.asarray(audio, np.float32) * np.float32(10 ** (rng.uniform(*self.gain_db) / 20))
+        if rng.random() < self.p_noise:
+            rms = float(np.sqrt(np.mean(a.astype(np.float64) ** 2))) + 1e-12
+            a = a + (rng.standard_normal(len(a)) * rms * 10 ** (-rng.uniform(*self.snr_db) / 20)).astype(np.float32)
+        return a
 
 # %% ../nbs/01_data.ipynb #c017
 def _normalise(x:np.ndarray) -> np.ndarray:
@@ -304,12 +340,15 @@ class TalkingHeadDataset(torch.utils.data.Dataset):
                  ref:str='random',           # reference frame: 'random' outside the window, or 'first'
                  seed:int=0,                 # sampling seed; samples depend on (seed, epoch, index)
                  fps:float|None=25,          # re-time every clip to this rate (None: keep each clip's)
-                 sr:int=16000):              # audio sample rate
+                 sr:int=16000,               # audio sample rate
+                 audio_aug=None,             # callable(audio, rng) -> audio: perturbed recordings (None: off)
+                 aug_pool:int=4):            # perturbed feature versions kept per clip; a sample picks clean or one of them
         if ref not in ('random', 'first'): raise ValueError(f"ref must be 'random' or 'first', got {ref!r}")
         self.dir = Path(root)/split if split else Path(root)
         if not self.dir.is_dir(): raise MediaError(f'dataset folder not found: {self.dir}')
         self.T, self.size, self.features, self.cache, self.cache_dir = n_frames, size, features or LogMelFeatures(), cache, cache_dir
-        self.ref, self.seed, self.fps, self.sr, self.epoch = ref, seed, fps, sr, 0
+        self.ref, self.seed, self.fps, self.sr, self.epoch, self.audio_aug = ref, seed, fps, sr, 0, audio_aug
+        self.aug_pool = aug_pool if audio_aug is not None else 0
         self.items, self.skipped, self._mem = [], [], {}
         for p in find_videos(self.dir, skip=cache_dir): self._add(p)
         self._report()
@@ -330,8 +369,12 @@ def _load(self:TalkingHeadDataset, p:Path):
     "The clip and its per-step features (from memory, disk cache, or decoding)."
     if p in self._mem: return self._mem[p]
     c = cached_clip(p, self.size, self.fps, self.sr, self.cache_dir)
-    key = _stat_key(p, self.size, self.fps, self.sr)
-    return c, cached_feats(c, self.features, self.cache_dir, key)
+    key = _stat_key(p, self.size, self.fps, self.sr); f = cached_feats(c, self.features, self.cache_dir, key)
+    if not self.aug_pool: return c, f
+    k0 = int.from_bytes(hashlib.sha1(p.name.encode()).digest()[:4], 'little')   # per clip, independent of folder order
+    pool = [self.features.feats(self.audio_aug(c.audio, np.random.default_rng([self.seed, k0, k])), c.sr, c.fps, c.n)
+            for k in range(self.aug_pool)]
+    return c, [f, *pool]
 TalkingHeadDataset._add, TalkingHeadDataset._load = _add, _load
 
 # %% ../nbs/01_data.ipynb #c050
@@ -354,8 +397,11 @@ TalkingHeadDataset.__len__ = lambda self: len(self.items)
 def _getitem(self:TalkingHeadDataset, i:int) -> dict:
     "One sample: window x (T,3,H,W), ref (3,H,W), features a (T,W,...), audio snippet, ground truth."
     p, n = self.items[i]
-    c, (f, rate) = self._load(p)
+    c, fs = self._load(p)
     s, r = _pick(np.random.default_rng([self.seed, self.epoch, i]), n, self.T, self.ref)
+    if self.aug_pool:   # clean, or one of the clip's perturbed recordings
+        fs = fs[int(np.random.default_rng([self.seed, self.epoch, i, 1]).integers(len(fs)))]
+    f, rate = fs
     s0, L = round(s * c.sr / c.fps), round(self.T * c.sr / c.fps)
     audio = torch.zeros(L); snip = torch.from_numpy(c.audio[s0:s0 + L]); audio[:len(snip)] = snip
     out = dict(x=to_x(c.frames[s:s + self.T]), ref=to_x(c.frames[r]),

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
+from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics
-from .data import TalkingHeadDataset, LogMelFeatures, load_clip, to_x, find_videos
+from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod', 'box_mask',
-           'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'chunk_plan', 'generate', 'eval_clips', 'write_samples',
-           'sample_hook', 'build_teacher', 'train_teacher', 'load_config', 'load_teacher', 'teacher_generator',
-           'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'cli_parser', 'main', 'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod',
+           'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'teacher_features', 'teacher_aug',
+           'chunk_plan', 'generate', 'eval_clips', 'write_samples', 'sample_hook', 'build_teacher', 'train_teacher',
+           'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator',
+           'evaluate_teacher', 'robustness_eval', 'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -169,6 +170,12 @@ class TeacherConfig(StageConfig):
     n_frames: int = 8            # frames per training clip (also the sampling chunk)
     repeats: int = 0             # window draws per clip per data pass; 0: enough for max_steps
     workers: int = 0             # DataLoader worker processes
+    audio_norm: str = 'level'    # audio front end: 'level' (log-mel relative to the running level) or 'none' (absolute)
+    aug_gain_db: float = -30.0   # training audio gain drawn in [aug_gain_db, 0] dB (0 and aug_noise_p 0: no augmentation)
+    aug_noise_p: float = 0.5     # P(white noise on a training clip's audio)
+    aug_snr_min: float = 15.0    # that noise's SNR range in dB: lowest
+    aug_snr_max: float = 40.0    # ... and highest
+    aug_pool: int = 4            # perturbed feature versions per training clip
     pred: str = 'x0'             # network output: 'x0' (JiT) or 'v'; the Denoiser always returns v
     s_min: float = 0.05          # x0 -> v uses max(s, s_min)
     loss: str = 'x0'             # 'x0' (clean-estimate error) or 'v' (velocity error)
@@ -202,6 +209,9 @@ def _check_teacher_cfg(self:TeacherConfig):
     if self.p_ctx > 0 and not 0 < self.n_ctx < self.n_frames: raise TurboTalkError(f'n_ctx must be in [1, n_frames), got {self.n_ctx}')
     if self.size % 2: raise TurboTalkError(f'size must be even (PixelCodec(2)), got {self.size}')
     if self.pred not in ('x0', 'v') or self.loss not in ('x0', 'v'): raise TurboTalkError(f"pred and loss must be 'x0' or 'v', got {self.pred!r}, {self.loss!r}")
+    if self.audio_norm not in ('none', 'level'): raise TurboTalkError(f"audio_norm must be 'none' or 'level', got {self.audio_norm!r}")
+    if not (self.aug_gain_db <= 0 and 0 <= self.aug_noise_p <= 1 and self.aug_snr_min <= self.aug_snr_max):
+        raise TurboTalkError(f'audio augmentation needs aug_gain_db <= 0, 0 <= aug_noise_p <= 1, aug_snr_min <= aug_snr_max')
     if self.ref_frames not in ('first', 'all'): raise TurboTalkError(f"ref_frames must be 'first' or 'all', got {self.ref_frames!r}")
 TeacherConfig.__post_init__ = _check_teacher_cfg
 
@@ -229,9 +239,20 @@ class Windows(Dataset):
 
 def train_data(cfg:TeacherConfig) -> tuple[TalkingHeadDataset, DataLoader]:
     "The training split and a loader of global batches cfg.bs over `Windows` of it."
-    ds = TalkingHeadDataset(cfg.data, cfg.n_frames, cfg.size, split='train', seed=cfg.seed)
+    ds = TalkingHeadDataset(cfg.data, cfg.n_frames, cfg.size, teacher_features(cfg), split='train', seed=cfg.seed,
+                            audio_aug=teacher_aug(cfg), aug_pool=cfg.aug_pool)
     reps = cfg.repeats or max(1, math.ceil(cfg.max_steps * cfg.bs * cfg.grad_accum / len(ds)))
     return ds, DataLoader(Windows(ds, reps), batch_size=cfg.bs, shuffle=True, drop_last=True, num_workers=cfg.workers)
+
+# %% ../nbs/02b_teacher.ipynb #c030a
+def teacher_features(cfg:TeacherConfig) -> LogMelFeatures:
+    "The audio front end of a teacher run (and of the students distilled from it)."
+    return LogMelFeatures(norm=cfg.audio_norm)
+
+def teacher_aug(cfg:TeacherConfig) -> AudioAug|None:
+    "The training-time audio perturbation of a teacher run (None when off)."
+    if cfg.aug_gain_db == 0 and cfg.aug_noise_p == 0: return None
+    return AudioAug((cfg.aug_gain_db, 0.), cfg.aug_noise_p, (cfg.aug_snr_min, cfg.aug_snr_max))
 
 # %% ../nbs/02b_teacher.ipynb #c032
 def chunk_plan(n_frames:int, chunk:int, n_ctx:int=0) -> list[tuple[int, int]]:
@@ -310,7 +331,7 @@ def sample_hook(cfg:TeacherConfig, clips:dict):
 # %% ../nbs/02b_teacher.ipynb #c041
 def build_teacher(cfg:TeacherConfig, a_mean=None, a_std=None, features=None) -> Denoiser:
     "The Denoiser of a config: the preset, with latent channels and audio shape fitted to PixelCodec(2) and the features."
-    f = features or LogMelFeatures()
+    f = features or teacher_features(cfg)
     W = max(1, round((2 * f.ctx + 1) * 16000 / f.hop / 25))
     net = TalkingDiT.from_preset(cfg.preset, latent_channels=PixelCodec(2).latent_ch, audio_dim=f.n_mels, audio_window=W)
     return Denoiser(net, a_mean, a_std, cfg.pred, cfg.s_min, cfg.ref_frames)
@@ -340,7 +361,7 @@ def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, 
                            cfg.p_drop_ref, cfg.p_drop_both, cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed)
     cbs = [Warmup(cfg.warmup)]
     if cfg.n_show > 0:
-        clips = eval_clips(cfg.data, 'val', cfg.n_show, cfg.size)
+        clips = eval_clips(cfg.data, 'val', cfg.n_show, cfg.size, features=teacher_features(cfg))
         cbs.append(SampleEvery(sample_hook(cfg, clips), cfg.sample_every or cfg.max_steps))
     t0 = time.time(); hist = fit(method, dl, cfg, run, callbacks=cbs)
     if _is_main(): _record_train(run, time.time() - t0, cfg.max_steps)
@@ -352,6 +373,7 @@ def load_config(run_dir) -> TeacherConfig:
     p = Path(run_dir)/'config.json'
     if not p.is_file(): raise TurboTalkError(f'no teacher run at {run_dir}: {p} is missing')
     d, names = json.loads(p.read_text())['config'], {f.name for f in fields(TeacherConfig)}
+    d = dict(audio_norm='none', aug_gain_db=0., aug_noise_p=0.) | d   # runs from before the level front end
     return TeacherConfig(**{k: v for k, v in d.items() if k in names})
 
 def load_teacher(run_dir, ema:bool=True, device='cpu') -> tuple[Denoiser, TeacherConfig]:
@@ -386,7 +408,7 @@ def swapped_audio_generator(model, cfg:TeacherConfig):
 
 # %% ../nbs/02b_teacher.ipynb #c047
 def _eval_row(evaluate, gen, cfg, n:int, bs:int, probes, name:str) -> dict:
-    return evaluate(gen, cfg.data, probes, n_clips=n, bs=bs, name=name, seed=cfg.seed)
+    return evaluate(gen, cfg.data, probes, n_clips=n, bs=bs, name=name, seed=cfg.seed, features=teacher_features(cfg))
 
 def evaluate_teacher(run_dir,          # a teacher run (config.json, weights/)
                      n:int|None=None,  # test clips (default: the run's n_eval)
@@ -415,6 +437,48 @@ def _show_test(run:RunDir, cfg:TeacherConfig, cache:dict, k:int):
     if k <= 0 or not cache: return
     vid, x, audio = (torch.stack(t) for t in zip(*list(cache.values())[:k]))
     write_samples(run, 'test', dict(x=x, audio=audio, fps=25.0, sr=16000), vid)
+
+# %% ../nbs/02b_teacher.ipynb #c048b
+ROBUST_CONDITIONS = ('clean', '-30 dBFS', '44.1 kHz stereo', 'noise 20 dB SNR')
+
+def _condition(name:str, audio:np.ndarray, i:int, tmp:Path) -> np.ndarray:
+    "One recording condition of a 16 kHz mono waveform, back at 16 kHz mono."
+    from turbotalk.tts import at_level, with_noise, roundtrip_44k_stereo
+    if name == 'clean': return audio
+    if name == '-30 dBFS': return at_level(audio, -30.)
+    if name == '44.1 kHz stereo': return roundtrip_44k_stereo(audio, tmp/f'item{i}.wav')
+    if name == 'noise 20 dB SNR': return with_noise(audio, 20., seed=i)
+    raise TurboTalkError(f'unknown condition {name!r}; choose from {ROBUST_CONDITIONS}')
+
+# %% ../nbs/02b_teacher.ipynb #c048c
+def _score(probes, videos, audios, refs) -> dict:
+    "Mean Sync-corr, Sync-MAE, Sync-C-ST and CSIM-ST of videos against (clean) audios and references."
+    from turbotalk.metrics import clip_metrics
+    r = [clip_metrics(probes, v, a, ref) for v, a, ref in zip(videos, audios, refs)]
+    return {k: float(np.mean([x[k] for x in r])) for k in ('sync_corr', 'sync_mae', 'sync_c_st', 'csim_st')}
+
+def robustness_eval(run_dir, n:int=12, n_frames:int=48, probes=None, n_show:int=2, seed:int=0) -> dict:
+    "Held-out TTS speech on unseen faces under ROBUST_CONDITIONS (+ shuffled control); results.json['robustness']."
+    import tempfile
+    from turbotalk.tts import tts_items
+    from turbotalk.metrics import load_probes
+    model, cfg = load_teacher(run_dir); run, fe = RunDir(run_dir), teacher_features(cfg)
+    P = probes if probes is not None and not isinstance(probes, (str, Path)) else load_probes(probes)
+    items = tts_items(n, 'heldout', seconds=n_frames / 25, seed=seed); L = round(n_frames * 16000 / 25)
+    refs = eval_clips(cfg.data, 'test', n, cfg.size, features=fe)['ref']
+    clean = [it['audio'][:L] for it in items]; rows, vids = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for c in ROBUST_CONDITIONS:
+            au = [_condition(c, a, i, Path(tmp))[:L] for i, a in enumerate(clean)]
+            a = torch.stack([fe(x, 16000, 25, n_frames).float() for x in au])
+            vids[c], _ = generate(model, refs, a, cfg.n_frames, 0, cfg.steps, cfg.sample_shift, (cfg.s_ref, cfg.s_audio), seed=seed)
+            rows[c] = _score(P, vids[c], clean, refs)
+            for i in range(min(n_show, n)):
+                write_mp4(run.sub('samples')/f"tts_{c.replace(' ', '_').replace('.', '')}_{i}.mp4", _u8(vids[c][i]), 25, au[i], 16000)
+    rows['shuffled control'] = _score(P, vids['clean'], clean[1:] + clean[:1], refs)
+    rec = dict(rows=rows, n_items=n, n_frames=n_frames, voices=sorted({f"{it['voice']}+{it['variant']}" for it in items}),
+               texts=[it['text'] for it in items], steps=cfg.steps, guidance=[cfg.s_ref, cfg.s_audio])
+    run.update_results(robustness=rec); return rec
 
 # %% ../nbs/02b_teacher.ipynb #c050
 def _arg_type(v):

@@ -12,6 +12,7 @@ pm() { mkdir -p "$(dirname "$2")"; TURBOTALK_CMD="papermill $*" papermill --log-
 
 echo "== 1/4 SynthTalk benchmark -> $data"
 [ -f "$data/meta.json" ] || python -m turbotalk.synthtalk --out "$data" --n-clips 500 --seed 0 --split all
+python -c "from turbotalk.synthtalk import check_synthtalk as c; c('$data')"   # refuses data an older generator made
 echo "== 2/4 data chapter: a clip seen and heard, model-free sync check -> $runs/synthtalk"
 pm nbs/01_data.ipynb "$runs/synthtalk/01_data.ipynb" -p data "$data" -p split test -p out "$runs/synthtalk"
 python -c "import json; print(json.load(open('$runs/synthtalk/results.json')))"

@@ -16,10 +16,11 @@ from .core import TurboTalkError, MediaError
 from .media import read_video, write_mp4
 
 # %% auto #0
-__all__ = ['SPLITS', 'VOWELS', 'CONSONANTS', 'MOUTH_LEAD', 'split_of', 'Utterance', 'synth_utterance', 'Speaker',
-           'sample_speaker', 'formant_response', 'synth_speech', 'mouth_targets', 'Identity', 'sample_identity',
-           'head_motion', 'blinks', 'mouth_boxes', 'mouth_box', 'render_frames', 'render_frame', 'Clip', 'make_clip',
-           'mouth_darkness', 'split_counts', 'clip_seed', 'write_synthtalk', 'sync_check', 'main']
+__all__ = ['SPLITS', 'VOWELS', 'CONSONANTS', 'MOUTH_LEAD', 'GENERATOR_VERSION', 'split_of', 'Utterance', 'synth_utterance',
+           'Speaker', 'sample_speaker', 'formant_response', 'synth_speech', 'mouth_targets', 'Identity',
+           'sample_identity', 'head_motion', 'blinks', 'mouth_boxes', 'mouth_box', 'render_frames', 'render_frame',
+           'Clip', 'make_clip', 'mouth_darkness', 'split_counts', 'clip_seed', 'write_synthtalk', 'check_synthtalk',
+           'sync_check', 'main']
 
 # %% ../nbs/01a_synthtalk.ipynb #c005
 SPLITS = ('train', 'val', 'test')
@@ -536,6 +537,8 @@ def _run_jobs(jobs:list, workers:int) -> list:
         return list(tqdm(ex.map(_write_clip, jobs, chunksize=max(1, min(8, len(jobs) // (4 * workers)))), **bar))
 
 # %% ../nbs/01a_synthtalk.ipynb #c056
+GENERATOR_VERSION = '1'   # bump whenever write_synthtalk's output changes (speech, faces, ground truth, encoding)
+
 def write_synthtalk(out,                # output folder
                     n_clips:int,        # number of clips in total
                     seed:int=0,         # dataset seed
@@ -551,11 +554,24 @@ def write_synthtalk(out,                # output folder
     jobs = [dict(out=str(out), split=s, id=f'{s}_{i:06d}', seed=clip_seed(seed, s, i), size=size, seconds=seconds)
             for s, n in counts.items() for i in range(n)]
     res = _run_jobs(jobs, workers); bad = [r for r in res if 'error' in r]
-    meta = dict(config=dict(n_clips=n_clips, seed=seed, split=split, size=size, seconds=seconds, fps=25, sr=16000,
+    meta = dict(generator_version=GENERATOR_VERSION, config=dict(n_clips=n_clips, seed=seed, split=split, size=size, seconds=seconds, fps=25, sr=16000,
                             workers=workers), seed=seed, requested=counts,
                 counts={s: sum(r['split'] == s and 'error' not in r for r in res) for s in counts},
                 skipped=bad, elapsed_s=round(time.time() - t0, 2))
     (out / 'meta.json').write_text(json.dumps(meta, indent=1)); return meta
+
+# %% ../nbs/01a_synthtalk.ipynb #c056a
+def check_synthtalk(root) -> dict:
+    "meta.json of a SynthTalk folder; TurboTalkError if missing or made by another generator version than this code's."
+    p = Path(root)/'meta.json'
+    if not p.is_file(): raise TurboTalkError(f'{root} is not a SynthTalk folder: {p} is missing (python -m turbotalk.synthtalk --out {root} ...)')
+    m = json.loads(p.read_text()); v = m.get('generator_version')
+    if v != GENERATOR_VERSION:
+        c = m.get('config', {}); made = f'version {v}' if v else 'a generator from before versions were recorded'
+        raise TurboTalkError(f'{root} was made by SynthTalk {made}; this code writes version {GENERATOR_VERSION}. Remake it: '
+                             f'rm -r {root} && python -m turbotalk.synthtalk --out {root} --n-clips {c.get("n_clips", "N")} '
+                             f'--seed {c.get("seed", 0)} --split {c.get("split", "all")}')
+    return m
 
 # %% ../nbs/01a_synthtalk.ipynb #c059
 def _pearson_matrix(A:np.ndarray, B:np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_t
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
+from .synthtalk import check_synthtalk
 
 # %% auto #0
 __all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod',
@@ -239,6 +240,7 @@ class Windows(Dataset):
 
 def train_data(cfg:TeacherConfig) -> tuple[TalkingHeadDataset, DataLoader]:
     "The training split and a loader of global batches cfg.bs over `Windows` of it."
+    if (Path(cfg.data)/'meta.json').is_file(): check_synthtalk(cfg.data)   # never data an older SynthTalk made
     ds = TalkingHeadDataset(cfg.data, cfg.n_frames, cfg.size, teacher_features(cfg), split='train', seed=cfg.seed,
                             audio_aug=teacher_aug(cfg), aug_pool=cfg.aug_pool)
     reps = cfg.repeats or max(1, math.ceil(cfg.max_steps * cfg.bs * cfg.grad_accum / len(ds)))

@@ -32,13 +32,13 @@ def seed_everything(seed:int # the run's seed
 
 # %% ../nbs/00_core.ipynb #c011
 def _git_sha() -> str|None:
-    "The repo's HEAD sha (with `-dirty` if there are uncommitted changes), or None outside git."
+    "The repo's HEAD sha (with `-dirty` if tracked files outside papermill_runs/ differ from it), or None outside git."
     try:
         root = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd()
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode: return None
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)papermill_runs'], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()   # a run's own outputs are not source
         return sha.stdout.strip() + ('-dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError): return None
 

@@ -169,6 +169,6 @@ def ranking_checks(rows:list, clear:float=1.5) -> dict:
     worst = lambda k, hi=True: all((cp[k] >= r[k]) if hi else (cp[k] <= r[k]) for r in gen if r.get(k) is not None)
     out = dict(copy_ref_sync_corr_le_0_05=cp['sync_corr'] <= 0.05, copy_ref_worst_fid_st=worst('fid_st'),
                copy_ref_worst_fid_face=worst('fid_st_face'), copy_ref_worst_diversity=worst('diversity', hi=False))
-    out |= {f'one_nfe_{clear}x_teacher_{k}': t1[k] >= clear * t[k] for k in ('fid_st', 'fvd_st', 'fid_st_face')}
+    out |= {f'one_nfe_{clear}x_teacher_{k}_above_floor': t1[k] - gt[k] >= clear * (t[k] - gt[k]) for k in ('fid_st', 'fvd_st', 'fid_st_face')}
     out |= {f'gt_lt_teacher_lt_few_step_{k}': gt[k] < t[k] and all(t[k] < r[k] for r in few) for k in QUALITY}
     return out

@@ -52,9 +52,10 @@ def test_rows_are_cached_and_remade_when_the_data_changes(data, tmp_path, monkey
 
 def test_teacher_key_follows_its_weights(data, tmp_path):
     t2 = tmp_path/'teacher'; shutil.copytree(TEACHER, t2, ignore=shutil.ignore_patterns('samples', 'figs', '*.ipynb'))
+    (t2/'weights'/'teacher.safetensors').write_bytes(b'raw weights: not what the teacher is sampled with')
     s, probes = B.Sampler('teacher 1 step', steps=1, cfg=False), B.default_probes_dir()
     k1 = B.cache_key(s, data, probes, TEACHER, {})
-    assert B.cache_key(s, data, probes, t2, {})['digest'] == k1['digest']            # same bytes, same key
+    assert B.cache_key(s, data, probes, t2, {})['digest'] == k1['digest']            # same config and EMA weights, same key
     w = t2/'weights'/'teacher_ema.safetensors'; b = bytearray(w.read_bytes()); b[-1] ^= 1; w.write_bytes(bytes(b))
     assert B.cache_key(s, data, probes, t2, {})['digest'] != k1['digest']            # one flipped bit: remade
     assert B.cache_key(B.Sampler('copy', 'copy_ref'), data, probes, t2, {})['teacher'] is None   # no teacher in it

@@ -14,8 +14,8 @@ from .metrics import evaluate, copy_reference, default_probes_dir, write_table, 
 
 # %% auto #0
 __all__ = ['TEACHER_NFE', 'BASELINES', 'EVAL_VERSION', 'HEADLINE', 'QUALITY', 'Sampler', 'sampler_generator', 'data_fingerprint',
-           'files_fingerprint', 'cache_key', 'sampler_row', 'baseline_rows', 'with_diversity', 'compare_table',
-           'ranking_checks']
+           'files_fingerprint', 'teacher_fingerprint', 'cache_key', 'sampler_row', 'baseline_rows', 'with_diversity',
+           'compare_table', 'ranking_checks']
 
 # %% ../nbs/05b_baselines.ipynb #c005
 @dataclass(frozen=True)
@@ -68,10 +68,15 @@ def files_fingerprint(*paths) -> str:
     return _sha(*[f.read_bytes() for f in fs])
 
 # %% ../nbs/05b_baselines.ipynb #c012
+def teacher_fingerprint(teacher) -> str:
+    "Hash of a teacher run's resolved config (not its environment record) and of the EMA weights `load_teacher` reads."
+    cfg = json.loads((Path(teacher)/'config.json').read_text())['config']
+    return _sha(json.dumps(cfg, sort_keys=True), files_fingerprint(Path(teacher)/'weights'/'teacher_ema.safetensors'))
+
 def cache_key(s:Sampler, data, probes, teacher, settings:dict) -> dict:
     "Everything a baseline row depends on, and its digest."
     k = dict(version=EVAL_VERSION, sampler=asdict(s), data=data_fingerprint(data), probes=files_fingerprint(probes),
-             teacher=files_fingerprint(Path(teacher)/'config.json', Path(teacher)/'weights') if s.kind == 'teacher' else None,
+             teacher=teacher_fingerprint(teacher) if s.kind == 'teacher' else None,
              settings=settings)
     return k | dict(digest=_sha(json.dumps(k, sort_keys=True)))
 

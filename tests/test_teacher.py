@@ -155,9 +155,9 @@ def test_evaluate_teacher_rows_and_controls(tmp_path):
     # A 2-step teacher does not lip-sync yet (its Sync-corr is noise around 0), so no margin between its rows means
     # anything here; instead every row is recomputed from the teacher's videos of the two test clips, made here again
     from turbotalk import metrics as M
-    from turbotalk.teacher import shuffled_control, teacher_generator
+    from turbotalk.teacher import shuffled_control, teacher_generator, teacher_features
     model, cfg = load_teacher(out); probes = M.load_probes()
-    b = next(iter(M._batches(cfg.data, 'test', 2, 48, 2, probes.size, seed=cfg.seed)))
+    b = next(iter(M._batches(cfg.data, 'test', 2, 48, 2, probes.size, teacher_features(cfg), seed=cfg.seed)))
     own = teacher_generator(model, cfg)(b)
     other = teacher_generator(model, cfg)({**b, 'a': b['a'].roll(1, 0)})   # each clip's reference, the other clip's audio
     corr = lambda vids, pairs: np.nanmean([M.clip_metrics(probes, vids[i], b['audio'][j])['sync_corr'] for i, j in pairs])
@@ -197,15 +197,16 @@ def test_new_run_replaces_an_earlier_record_but_never_checkpoints(synth, tmp_pat
 SHIPPED = ROOT/'papermill_runs'/'teacher'/'synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
 
 def test_shipped_teacher_loads_and_follows_the_audio(tmp_path):
-    "The committed EMA teacher loads into today's code and, at 10 steps, lip-syncs unseen speech (a guard for later stages)."
+    "The committed EMA teacher loads into today's code (with the front end it was trained with) and, at 10 steps, lip-syncs unseen speech."
     from turbotalk.synthtalk import write_synthtalk
     from turbotalk.metrics import evaluate
-    from turbotalk.teacher import teacher_generator, swapped_audio_generator
-    model, cfg = load_teacher(SHIPPED)
+    from turbotalk.teacher import teacher_generator, swapped_audio_generator, teacher_features
+    model, cfg = load_teacher(SHIPPED); fe = teacher_features(cfg)
+    assert (fe.norm, cfg.aug_noise_p) == ('none', 0.)   # a run from before the level front end: absolute log-mels
     assert sum(p.numel() for p in model.parameters()) > 1_000_000 and (cfg.preset, cfg.steps) == ('synth', 40)
     data = tmp_path/'st'; write_synthtalk(data, 40, seed=7, size=64, seconds=2.0, workers=0)   # new faces and speech
     cfg.steps = 10
-    own = evaluate(teacher_generator(model, cfg), data, n_clips=4, bs=4)
-    other = evaluate(swapped_audio_generator(model, cfg), data, n_clips=4, bs=4)
+    own = evaluate(teacher_generator(model, cfg), data, n_clips=4, bs=4, features=fe)
+    other = evaluate(swapped_audio_generator(model, cfg), data, n_clips=4, bs=4, features=fe)
     assert own['sync_corr'] > 0.7 and other['sync_corr'] < 0.4, (own['sync_corr'], other['sync_corr'])
     assert own['csim_st'] > 0.85 and other['csim_st'] > 0.85, (own['csim_st'], other['csim_st'])   # identity kept

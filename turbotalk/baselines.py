@@ -55,11 +55,12 @@ def _sha(*parts) -> str:
     return h.hexdigest()[:16]
 
 def data_fingerprint(root, splits=('val', 'test')) -> str:
-    "Hash of a SynthTalk folder's meta.json and the names and sizes of the files of `splits`."
+    "Hash of a SynthTalk folder's meta.json (without its timing) and the names and sizes of the files of `splits`."
     root = Path(root); meta = root/'meta.json'
     if not (root/splits[-1]).is_dir(): raise TurboTalkError(f'evaluation data not found: {root/splits[-1]}')
+    m = {k: v for k, v in json.loads(meta.read_text()).items() if k != 'elapsed_s'} if meta.is_file() else {}
     files = sorted(f for s in splits for f in (root/s).iterdir() if f.is_file())
-    return _sha(meta.read_bytes() if meta.is_file() else b'', *[f'{f.relative_to(root)}:{f.stat().st_size}' for f in files])
+    return _sha(json.dumps(m, sort_keys=True), *[f'{f.relative_to(root)}:{f.stat().st_size}' for f in files])
 
 def files_fingerprint(*paths) -> str:
     "Hash of the bytes of files (folders: all their files, sorted)."
@@ -69,9 +70,10 @@ def files_fingerprint(*paths) -> str:
 
 # %% ../nbs/05b_baselines.ipynb #c012
 def teacher_fingerprint(teacher) -> str:
-    "Hash of a teacher run's resolved config (not its environment record) and of the EMA weights `load_teacher` reads."
-    cfg = json.loads((Path(teacher)/'config.json').read_text())['config']
-    return _sha(json.dumps(cfg, sort_keys=True), files_fingerprint(Path(teacher)/'weights'/'teacher_ema.safetensors'))
+    "Hash of a teacher run's resolved TeacherConfig (defaults filled, no environment record) and of the EMA weights it samples with."
+    from turbotalk.teacher import load_config
+    cfg = asdict(load_config(teacher))
+    return _sha(json.dumps(cfg, sort_keys=True, default=str), files_fingerprint(Path(teacher)/'weights'/'teacher_ema.safetensors'))
 
 def cache_key(s:Sampler, data, probes, teacher, settings:dict) -> dict:
     "Everything a baseline row depends on, and its digest."

@@ -172,6 +172,7 @@ class TeacherConfig(StageConfig):
     repeats: int = 0             # window draws per clip per data pass; 0: enough for max_steps
     workers: int = 0             # DataLoader worker processes
     audio_norm: str = 'level'    # audio front end: 'level' (log-mel relative to the running level) or 'none' (absolute)
+    audio_lookahead: float = 0.1 # seconds the level reference looks ahead (streaming latency)
     aug_gain_db: float = -30.0   # training audio gain drawn in [aug_gain_db, 0] dB (0 and aug_noise_p 0: no augmentation)
     aug_noise_p: float = 0.5     # P(white noise on a training clip's audio)
     aug_snr_min: float = 15.0    # that noise's SNR range in dB: lowest
@@ -249,7 +250,7 @@ def train_data(cfg:TeacherConfig) -> tuple[TalkingHeadDataset, DataLoader]:
 # %% ../nbs/02b_teacher.ipynb #c030a
 def teacher_features(cfg:TeacherConfig) -> LogMelFeatures:
     "The audio front end of a teacher run (and of the students distilled from it)."
-    return LogMelFeatures(norm=cfg.audio_norm)
+    return LogMelFeatures(norm=cfg.audio_norm, lookahead=cfg.audio_lookahead)
 
 def teacher_aug(cfg:TeacherConfig) -> AudioAug|None:
     "The training-time audio perturbation of a teacher run (None when off)."

@@ -125,7 +125,7 @@ def baseline_rows(teacher,            # teacher run folder (config.json, weights
         row = _read_cached(p, key)
         if row is None:
             if s.kind == 'teacher' and model is None: model, tcfg = load_teacher(teacher)
-            t0, tc = time.time(), tcfg if model else None
+            t0, tc = time.time(), tcfg if s.kind == 'teacher' else None   # only teacher samplers read the audio features
             row = sampler_row(sampler_generator(s, model, tc), s.name, s.nfe if s.kind != 'gt' else None, data, probes, bs=bs,
                               features=teacher_features(tc) if tc else None, **st)
             tmp = p.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(key=key, row=row, wall_s=round(time.time() - t0, 1)), indent=1))

@@ -705,23 +705,24 @@ def _rerender(clip, n:int|None, edit) -> torch.Tensor:
     a = rend(tr); edit(tr); d = rend(tr) - a
     return torch.from_numpy((clip.frames[:T].numpy().astype(np.float32) + d).clip(0, 255)).permute(0, 3, 1, 2) / 127.5 - 1
 
+def _freeze_tail(clip, frac:float, n:int|None, keys:tuple) -> torch.Tensor:
+    "The clip with the ground-truth tracks `keys` held at their value at frame floor((1 - frac) T) from there on."
+    T = n or len(clip.frames); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
+    def edit(tr):
+        if frac > 0:
+            for k in keys: tr[k][t0:] = tr[k][t0]
+    return _rerender(clip, n, edit)
+
 def freeze_mouth(clip,            # data.Clip with SynthTalk ground truth (identity, pose, mouth, blink)
                  frac:float,      # fraction of frames, at the end, whose mouth is frozen
                  n:int|None=None  # frames to use (default all)
                 ) -> torch.Tensor:
     "The clip with its mouth frozen over the last `frac` of the frames (exact re-render difference), float (T,3,H,W) in [-1,1]."
-    T = n or len(clip.frames); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
-    def edit(tr):
-        if frac > 0: tr['mouth_open'][t0:], tr['mouth_width'][t0:] = tr['mouth_open'][t0], tr['mouth_width'][t0]
-    return _rerender(clip, n, edit)
+    return _freeze_tail(clip, frac, n, ('mouth_open', 'mouth_width'))
 
 def freeze_head(clip, frac:float, n:int|None=None) -> torch.Tensor:
     "The clip with its head pose frozen over the last `frac` of the frames while mouth and blinks move on."
-    T = n or len(clip.frames); t0 = min(T - 1, int(math.floor((1 - frac) * T)))
-    def edit(tr):
-        if frac > 0:
-            for k in ('yaw', 'pitch', 'roll', 'tx', 'ty'): tr[k][t0:] = tr[k][t0]
-    return _rerender(clip, n, edit)
+    return _freeze_tail(clip, frac, n, ('yaw', 'pitch', 'roll', 'tx', 'ty'))
 
 # %% ../nbs/05_eval.ipynb #c069a
 def delay_audio(audio, k:int, sr:int=16000, fps:float=25) -> np.ndarray:
@@ -818,7 +819,7 @@ def _summarise(rows:list, dist:dict, notes:dict, name:str, n_frames:int, div:dic
         c = col(k); out[k] = None if np.isnan(c).all() else float(np.nanmedian(c) if k == 'sync_lag' else np.nanmean(c))
     out['sync_offset0_st'] = float((col('sync_offset_st') == 0).mean())
     out['n_sync_undefined'] = int(np.nansum(col('sync_undefined')))
-    fg = np.nanmean(col('flicker_gt')) if not np.isnan(col('flicker_gt')).all() else np.nan
+    fg = col('flicker_gt'); fg = np.nanmean(fg) if not np.isnan(fg).all() else np.nan
     out['flicker_rel'] = float(out['flicker'] / fg) if fg > 0 else None
     out |= dist | (div or {}); out['notes'] = NOTE_SEP.join(f'{k}: {v}' for k, v in notes.items())
     return {k: out.get(k) for k in ROW_KEYS}

@@ -7,7 +7,6 @@ export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
 unset MPLBACKEND   # papermill kernels keep the inline backend, so executed notebooks keep their figures
 data=${SYNTHTALK:-data/synthtalk}
 runs=${RUNS:-papermill_runs}
-nb_rel() { case "$1" in /*) echo "$1";; *) echo "../$1";; esac; }   # a path as seen from nbs/ (papermill --cwd nbs)
 pm() { mkdir -p "$(dirname "$2")"; TURBOTALK_CMD="papermill $*" papermill --log-level WARNING "$@"; }  # cmd.txt records it
 
 echo "== 1/4 SynthTalk benchmark -> $data"
@@ -31,6 +30,6 @@ echo "== 4/4 evaluation v2: the baseline rows every later table carries (ground 
 echo "   teacher at 1, 3, 4, 6 and 120 NFE, with sample diversity), cached per (data, probes, teacher); the metric checks"
 echo "   (about 25 min the first time, a few minutes when the cached rows still match) -> $runs/eval/synthtalk_test32"
 ev=$runs/eval/synthtalk_test32; mkdir -p "$ev"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pm nbs/05_eval.ipynb "$ev/05_eval.ipynb" --cwd nbs -p root "$(nb_rel "$data")" -p n_clips 32 \
-  -p out "$(nb_rel "$ev")" -p teacher "$(nb_rel "$teacher")"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} pm nbs/05_eval.ipynb "$ev/05_eval.ipynb" -p data "$data" -p n_clips 32 \
+  -p out "$ev" -p teacher "$teacher"
 cat "$ev/compare.md"

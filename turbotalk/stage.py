@@ -23,7 +23,7 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
            'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
            'last_ckpt', 'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step',
-           'emergency_save', 'fit']
+           'emergency_save', 'fit', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -53,7 +53,8 @@ class StageConfig:
         if self.mixed_precision not in ('no', 'bf16', 'fp16'): raise TurboTalkError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.d_per_g < 1 or self.grad_accum < 1 or self.log_every < 1: raise TurboTalkError('d_per_g, grad_accum and log_every must be >= 1')
         if not 0 <= self.ema < 1: raise TurboTalkError(f'ema is a decay in [0, 1), got {self.ema}')
-        self.betas = tuple(self.betas)
+        self.betas = tuple(float(b) for b in self.betas.split(',')) if isinstance(self.betas, str) else tuple(self.betas)
+        if len(self.betas) != 2: raise TurboTalkError(f'betas are two numbers (e.g. 0.9,0.999), got {self.betas}')
 
 # %% ../nbs/02a_stage.ipynb #c009
 class Method(nn.Module):
@@ -491,3 +492,23 @@ def fit(method:Method,    # networks by role and their two losses
     export_weights(st)
     for cb in cbs: cb.on_fit_end(st)
     return st.history
+
+# %% ../nbs/02a_stage.ipynb #c044b
+def _parse_bool(s:str) -> bool:
+    v = str(s).strip().lower()
+    if v in ('1', 'true', 'yes', 'y'): return True
+    if v in ('0', 'false', 'no', 'n'): return False
+    import argparse
+    raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+
+def _arg_type(v):
+    if isinstance(v, bool): return _parse_bool
+    if isinstance(v, tuple): return lambda s: tuple(float(x) for x in s.split(','))
+    return type(v)
+
+def config_parser(cls, prog:str, description:str=''):
+    "argparse.ArgumentParser with one --option per field of the dataclass `cls` (its default and type)."
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls): p.add_argument(f'--{f.name}', type=_arg_type(getattr(cls(), f.name)), default=getattr(cls(), f.name))
+    return p

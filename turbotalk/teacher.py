@@ -12,17 +12,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser
+from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
 from .synthtalk import check_synthtalk
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags', 'TeacherMethod',
-           'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'teacher_features', 'teacher_aug',
-           'chunk_plan', 'generate', 'eval_clips', 'write_samples', 'sample_hook', 'build_teacher', 'train_teacher',
-           'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator',
-           'evaluate_teacher', 'robustness_eval', 'cli_parser', 'main', 'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags',
+           'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'teacher_features',
+           'teacher_aug', 'sample_hook', 'build_teacher', 'train_teacher', 'load_config', 'load_teacher',
+           'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'robustness_eval',
+           'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -257,69 +258,7 @@ def teacher_aug(cfg:TeacherConfig) -> AudioAug|None:
     if cfg.aug_gain_db == 0 and cfg.aug_noise_p == 0: return None
     return AudioAug((cfg.aug_gain_db, 0.), cfg.aug_noise_p, (cfg.aug_snr_min, cfg.aug_snr_max))
 
-# %% ../nbs/02b_teacher.ipynb #c032
-def chunk_plan(n_frames:int, chunk:int, n_ctx:int=0) -> list[tuple[int, int]]:
-    "(start, end) video frames of each chunk; chunks after the first overlap the previous one by n_ctx frames."
-    if chunk <= n_ctx: raise TurboTalkError(f'chunk ({chunk}) must be longer than n_ctx ({n_ctx})')
-    out, s = [], 0
-    while True:
-        e = min(s + chunk, n_frames); out.append((s, e))
-        if e >= n_frames: return out
-        s = e - n_ctx
-
-# %% ../nbs/02b_teacher.ipynb #c034
-@torch.no_grad()
-def generate(model,                # Denoiser (or any model with TalkingDiT's call)
-             ref:torch.Tensor,     # (B, 3, H, W) reference frames in [-1, 1]
-             a:torch.Tensor,       # (B, T, W, D_a) raw audio windows, one per output frame
-             chunk:int=8,          # frames per sampler call
-             n_ctx:int=0,          # context frames carried between chunks (0: independent chunks)
-             steps:int=40,         # Euler steps
-             shift:float=5.0,      # schedule shift
-             guidance=(2.0, 3.0),  # (s_ref, s_audio); None = conditional only
-             codec=None,           # PixelCodec(2) by default
-             seed:int=0) -> tuple[torch.Tensor, dict]:
-    "Video (B, T, 3, H, W) in [-1, 1] and info (nfe: total network evaluations, chunks, nfe_per_chunk)."
-    codec, dev = codec or PixelCodec(2), next(model.parameters()).device
-    g, sig = torch.Generator().manual_seed(seed), teacher_sigmas(steps, shift)
-    r = codec.encode(ref[:, None].to(dev)); B, C, _, h, w = r.shape
-    z, nfe, plan = torch.zeros(B, C, a.shape[1], h, w, device=dev), 0, chunk_plan(a.shape[1], chunk, n_ctx)
-    for i, (s, e) in enumerate(plan):
-        ctx = z[:, :, s:s + n_ctx] if i and n_ctx else None
-        noise = torch.randn(B, C, e - s, h, w, generator=g).to(dev)
-        x, info = sample(model, noise, dict(ref=r, a=a[:, s:e].to(dev), ctx=ctx), sig, guidance=guidance)
-        if ctx is not None: x[:, :, :n_ctx] = ctx
-        z[:, :, s:e], nfe = x, nfe + info['nfe']
-    return codec.decode(z).clamp(-1, 1), dict(nfe=nfe, chunks=len(plan), nfe_per_chunk=nfe // len(plan))
-
-# %% ../nbs/02b_teacher.ipynb #c037
-def eval_clips(root, split:str='test', n:int=16, size:int=64, seconds:float=2.0, features=None) -> dict:
-    "The first n clips of a split: x (N, T, 3, H, W), ref (N, 3, H, W) = frame 0, a (N, T, W, D), audio (N, L), paths."
-    feats, paths = features or LogMelFeatures(), find_videos(Path(root)/split)[:n]
-    if not paths: raise TurboTalkError(f'no videos in {Path(root)/split}')
-    xs, As, auds = [], [], []
-    for p in paths:
-        c = load_clip(p, size, fps=25); T = min(c.n, round(seconds * c.fps))
-        L = round(T * c.sr / c.fps); au = np.zeros(L, np.float32); au[:min(L, len(c.audio))] = c.audio[:L]
-        xs.append(to_x(c.frames[:T])); As.append(feats(c.audio, c.sr, c.fps, T).float()); auds.append(torch.from_numpy(au))
-    T = min(len(x) for x in xs); L = round(T * 16000 / 25)
-    return dict(x=torch.stack([x[:T] for x in xs]), ref=torch.stack([x[0] for x in xs]), a=torch.stack([a[:T] for a in As]),
-                audio=torch.stack([a[:L] for a in auds]), paths=[str(p) for p in paths], fps=25.0, sr=16000)
-
 # %% ../nbs/02b_teacher.ipynb #c039
-def _u8(x:torch.Tensor) -> np.ndarray: return to_uint8((x.permute(0, 2, 3, 1).float() + 1) / 2)  # (T, 3, H, W) in [-1, 1] -> (T, H, W, 3)
-
-def write_samples(run:RunDir, name:str, clips:dict, video:torch.Tensor, every:int=6) -> list[Path]:
-    "samples/<name>_<i>.mp4 (ground truth | generated, with sound) per clip and figs/<name>.png; returns the paths."
-    out, rows, labels = [], [], []
-    for i in range(len(video)):
-        gt, gen = _u8(clips['x'][i]), _u8(video[i])
-        p = run.sub('samples')/f'{name}_{i}.mp4'
-        write_mp4(p, side_by_side([gt, gen]), clips['fps'], clips['audio'][i].numpy(), clips['sr']); out.append(p)
-        rows += [gt[::every], gen[::every]]; labels += [f'{i}: ground truth', f'{i}: teacher']
-    out.append(save_grid(run.sub('figs')/f'{name}.png', rows, labels=labels))
-    return out
-
 LOSS_KEYS = ('g_loss', 'loss_hi', 'loss_lo')  # all samples, noise level s > 0.5, s <= 0.5
 
 def sample_hook(cfg:TeacherConfig, clips:dict):
@@ -484,16 +423,9 @@ def robustness_eval(run_dir, n:int=12, n_frames:int=48, probes=None, n_show:int=
     run.update_results(robustness=rec); return rec
 
 # %% ../nbs/02b_teacher.ipynb #c050
-def _arg_type(v):
-    if isinstance(v, bool): return lambda s: s.lower() in ('1', 'true', 'yes', 'y')
-    if isinstance(v, tuple): return lambda s: tuple(float(x) for x in s.split(','))
-    return type(v)
-
 def cli_parser() -> argparse.ArgumentParser:
-    "argparse options = TeacherConfig fields (bools take true/false; tuples comma-separated)."
-    p = argparse.ArgumentParser(prog='python -m turbotalk.teacher', description='Train (and evaluate) the TurboTalk teacher.')
-    for f in fields(TeacherConfig): p.add_argument(f'--{f.name}', type=_arg_type(f.default), default=f.default)
-    return p
+    "argparse options = TeacherConfig fields (stage.config_parser: bools take true/false, tuples comma-separated)."
+    return config_parser(TeacherConfig, 'python -m turbotalk.teacher', 'Train (and evaluate) the TurboTalk teacher.')
 
 def main(argv=None):
     "CLI entry point: train, then evaluate on the test split when n_eval > 0."
@@ -509,8 +441,11 @@ def main(argv=None):
 if __name__ == '__main__' and '__file__' in globals(): main()  # `python -m turbotalk.teacher`, not a notebook kernel
 
 # %% ../nbs/02b_teacher.ipynb #c055
+NO_PARAM = ('lr_d', 'd_per_g')   # StageConfig fields the teacher never reads (it has no D role): not notebook parameters
+
 def papermill_cmd(cfg:TeacherConfig, nb:str='nbs/02b_teacher.ipynb') -> str:
     "The papermill command that reproduces a run: every field that differs from the defaults as a -p option."
     d = TeacherConfig(); fmt = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else str(v)
-    ps = ' '.join(f'-p {f.name} {fmt(getattr(cfg, f.name))}' for f in fields(cfg) if getattr(cfg, f.name) != getattr(d, f.name))
+    ps = ' '.join(f'-p {f.name} {fmt(getattr(cfg, f.name))}' for f in fields(cfg)
+                  if f.name not in NO_PARAM and getattr(cfg, f.name) != getattr(d, f.name))
     return f'papermill {nb} {cfg.out}/02b_teacher.ipynb {ps}'

@@ -15,7 +15,7 @@ from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_we
 from .model import PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics
 from .data import TalkingHeadDataset
-from .sampling import step_list, generate, eval_clips, write_samples, _u8
+from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
 from .synthtalk import check_synthtalk
 
@@ -255,12 +255,7 @@ class ShowDMD(Callback):
 
 def student_generator(model, sigmas, tcfg, seed:int=0, info:list|None=None):
     "gen(batch) -> (B, T, 3, H, W): the student's samples along its step list, no guidance, chunked as the teacher."
-    def gen(b):
-        vid, inf = generate(model, b['ref'], b['a'], tcfg.n_frames, 0, guidance=None, sigmas=sigmas, mode='x0',
-                            seed=int(b.get('seed', seed)))
-        if info is not None: info.append(inf)
-        return vid
-    return gen
+    return few_step_generator(model, sigmas, tcfg.n_frames, 0, seed, info)
 
 def student_hook(cfg:DMDConfig, tcfg, clips:dict):
     "fn(st) for SampleEvery: student samples of `clips` (2 seeds), seed spread, quick test-split evaluation."
@@ -285,10 +280,12 @@ def student_hook(cfg:DMDConfig, tcfg, clips:dict):
 def _is_main() -> bool: return int(os.environ.get('RANK', '0')) == 0
 
 def _fresh(run:RunDir, resume:bool):
-    if resume: return
-    from turbotalk.stage import last_ckpt
-    for ph in ('', 'warm'): last_ckpt(run, ph, resume=False)   # raises if the folder holds checkpoints
-    for f in ('metrics.jsonl', 'results.json'): (run.path/f).unlink(missing_ok=True)
+    "Start a new record unless resuming checkpoints: resume=True on a folder without any (e.g. a committed run) starts afresh."
+    from turbotalk.stage import last_ckpt, complete_ckpts, ckpt_root
+    if resume and any(complete_ckpts(ckpt_root(run, ph)) for ph in ('', 'warm')): return
+    if not resume:
+        for ph in ('', 'warm'): last_ckpt(run, ph, resume=False)   # raises if the folder holds checkpoints
+    for f in ('metrics.jsonl', 'results.json', 'compare.md', 'compare.csv'): (run.path/f).unlink(missing_ok=True)
 
 def _warm_start(m:DMDMethod, cfg:DMDConfig, tcfg, dl:DataLoader, run:RunDir):
     "The optional regression phase on teacher ODE pairs (cached under cache/)."
@@ -345,10 +342,11 @@ def evaluate_student(run_dir, n:int|None=None, probes=None, n_show:int=2) -> dic
     "The student's evaluation v2 row on the test split (results.json 'rows') and test samples with sound."
     from turbotalk.baselines import sampler_row
     from turbotalk.teacher import teacher_features
-    model, cfg, tcfg = load_student(run_dir); run, info = RunDir(run_dir), []
+    model, cfg, tcfg = load_student(run_dir); run, info, n = RunDir(run_dir), [], n or cfg.n_eval
+    if n <= 0: raise TurboTalkError(f'evaluate_student needs n > 0 test clips (the run has n_eval={cfg.n_eval})')
     N = len(step_list(cfg.sigmas))
     row = sampler_row(student_generator(model, cfg.sigmas, tcfg, cfg.seed, info), student_name(cfg), N, cfg.data, probes,
-                      n_clips=n or cfg.n_eval, features=teacher_features(tcfg), seed=cfg.seed)
+                      n_clips=n, features=teacher_features(tcfg), seed=cfg.seed)
     if n_show > 0:
         clips = eval_clips(cfg.data, 'test', n_show, tcfg.size, features=teacher_features(tcfg))
         write_samples(run, 'test', clips, student_generator(model, cfg.sigmas, tcfg, cfg.seed)(clips), label='student')

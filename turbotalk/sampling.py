@@ -12,7 +12,7 @@ from .data import LogMelFeatures, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
 
 # %% auto #0
-__all__ = ['step_list', 'chunk_plan', 'generate', 'eval_clips', 'write_samples']
+__all__ = ['step_list', 'chunk_plan', 'generate', 'few_step_generator', 'eval_clips', 'write_samples']
 
 # %% ../nbs/02c_sampling.ipynb #c005
 def step_list(spec) -> list[float]:
@@ -61,6 +61,15 @@ def generate(model,                # Denoiser (or any model with TalkingDiT's ca
         if ctx is not None: x[:, :, :n_ctx] = ctx
         z[:, :, s:e], nfe = x, nfe + info['nfe']
     return codec.decode(z).clamp(-1, 1), dict(nfe=nfe, chunks=len(plan), nfe_per_chunk=nfe // len(plan))
+
+# %% ../nbs/02c_sampling.ipynb #c013b
+def few_step_generator(model, sigmas, chunk:int=8, n_ctx:int=0, seed:int=0, info:list|None=None):
+    "gen(batch) -> (B, T, 3, H, W): samples along the step list `sigmas` ('x0' steps, no guidance), chunked."
+    def gen(b):
+        vid, inf = generate(model, b['ref'], b['a'], chunk, n_ctx, guidance=None, sigmas=sigmas, mode='x0', seed=int(b.get('seed', seed)))
+        if info is not None: info.append(inf)
+        return vid
+    return gen
 
 # %% ../nbs/02c_sampling.ipynb #c015
 def eval_clips(root, split:str='test', n:int=16, size:int=64, seconds:float=2.0, features=None) -> dict:

@@ -167,6 +167,7 @@ class DMDConfig(StageConfig):
 
 def _check_dmd_cfg(self:DMDConfig):
     super(DMDConfig, self).__post_init__()
+    if not isinstance(self.sigmas, str): self.sigmas = ','.join(str(float(s)) for s in (self.sigmas if isinstance(self.sigmas, (list, tuple)) else [self.sigmas]))
     step_list(self.sigmas)
     if not 0 <= self.t_min < self.t_max <= 1: raise TurboTalkError(f'need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}')
     if self.fake_loss not in ('', 'x0', 'v'): raise TurboTalkError(f"fake_loss must be 'x0', 'v' or empty, got {self.fake_loss!r}")

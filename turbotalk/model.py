@@ -325,7 +325,8 @@ def _step(x, v, s, s_next, mode, generator):
     if mode == 'euler': return x + (s_next - s) * v
     x0 = x - s * v
     if s_next == 0: return x0
-    return add_noise(x0, torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), s_next)
+    dev = generator.device if generator is not None else x.device   # a CPU generator draws on the CPU (then moves): same noise on any device
+    return add_noise(x0, torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device), s_next)
 
 # %% ../nbs/02_model.ipynb #c057
 def sample(model, noise, cond=None, sigmas=None, # levels s_0 > s_1 > ... (terminal 0 implied); default: the teacher's 40

@@ -17,6 +17,7 @@ __all__ = ['step_list', 'chunk_plan', 'generate', 'few_step_generator', 'eval_cl
 # %% ../nbs/02c_sampling.ipynb #c005
 def step_list(spec) -> list[float]:
     "Noise levels of a few-step sampler, highest first, each in (0, 1]: from '1,0.75,0.5,0.25' or a sequence."
+    if isinstance(spec, (int, float)): spec = [spec]   # papermill passes -p sigmas 1 as the number 1
     try: sig = [float(x) for x in (spec.split(',') if isinstance(spec, str) else spec)]
     except (TypeError, ValueError): raise TurboTalkError(f'a step list is comma-separated noise levels like 1,0.75,0.5,0.25, got {spec!r}')
     if not sig or any(not 0 < s <= 1 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):

@@ -355,20 +355,20 @@ def evaluate_student(run_dir, n:int|None=None, probes=None, n_show:int=2) -> dic
                                                     nfe_per_chunk=info[0]['nfe_per_chunk'], split='test'))
 
 def speed_compare(run_dir, n:int|None=None, repeats:int=3) -> dict:
-    "Wall time of the teacher (its steps x 3 CFG) and of the student on the same n test clips, in this process."
+    "Wall time of the teacher (its steps x 3 CFG, once) and of the student (median of `repeats`) on the same n test clips, in this process."
     from turbotalk.teacher import load_teacher, teacher_features
     model, cfg, tcfg = load_student(run_dir); teacher, _ = load_teacher(cfg.teacher)
     clips = eval_clips(cfg.data, 'test', n or cfg.speed_clips, tcfg.size, features=teacher_features(tcfg))
-    def timed(f):
+    def timed(f, k=repeats):
         ts = []
-        for _ in range(repeats): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+        for _ in range(k): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
-    tt = timed(lambda: generate(teacher, clips['ref'], clips['a'], tcfg.n_frames, 0, tcfg.steps, tcfg.sample_shift, (tcfg.s_ref, tcfg.s_audio)))
+    tt = timed(lambda: generate(teacher, clips['ref'], clips['a'], tcfg.n_frames, 0, tcfg.steps, tcfg.sample_shift, (tcfg.s_ref, tcfg.s_audio)), 1)
     ts = timed(lambda: generate(model, clips['ref'], clips['a'], tcfg.n_frames, 0, guidance=None, sigmas=cfg.sigmas, mode='x0'))
     N = len(step_list(cfg.sigmas))
     rec = dict(clips=len(clips['ref']), frames=int(clips['a'].shape[1]), teacher_s=round(tt, 3), student_s=round(ts, 3),
                speedup=round(tt / ts, 1), nfe_teacher=tcfg.steps * 3, nfe_student=N, nfe_ratio=tcfg.steps * 3 / N,
-               repeats=repeats, device=env_info()['device'], threads=torch.get_num_threads())
+               repeats_student=repeats, device=env_info()['device'], threads=torch.get_num_threads())
     RunDir(run_dir).update_results(speed=rec); return rec
 
 # %% ../nbs/03_dmd.ipynb #c030

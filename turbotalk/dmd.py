@@ -136,7 +136,7 @@ class DMDConfig(StageConfig):
     max_steps: int = 600         # iterations (fake-score updates); the student is updated every d_per_g-th
     bs: int = 8                  # global batch size
     lr_g: float = 1e-4           # Adam learning rate of the student
-    lr_d: float = 1e-4           # Adam learning rate of the fake score
+    lr_d: float = 4e-4           # Adam learning rate of the fake score (4x the student: it must keep up)
     betas: tuple = (0.0, 0.999)  # Adam betas (DMD2)
     d_per_g: int = 5             # fake-score updates per student update (two time-scale rule)
     ema: float = 0.95            # EMA decay of the student (per student update)

@@ -120,9 +120,9 @@ SHIPPED_STUDENT = 'papermill_runs/dmd/synth_dmd4_seed0'
 @dataclass
 class AdvConfig(StageConfig):
     "StageConfig + the upstream runs, the phases and the adversarial, self-compare, context and evaluation knobs."
-    max_steps: int = 300         # iterations per phase (phase_iters sets them one by one)
+    max_steps: int = 200         # iterations per phase (phase_iters sets them one by one)
     bs: int = 8                  # global batch size
-    lr_g: float = 1e-5           # AdamW learning rate of the student
+    lr_g: float = 5e-5           # AdamW learning rate of the student (the order of Stage 1)
     lr_d: float = 1e-4           # AdamW learning rate of the discriminator
     betas: tuple = (0.0, 0.99)   # AdamW betas (R3GAN)
     ema: float = 0.95            # EMA decay of the student per update (phases start from and ship the EMA)

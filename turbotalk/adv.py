@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, sample
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state, read_config
 from .stage import complete_ckpts, ckpt_root, last_ckpt
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
@@ -423,10 +423,7 @@ def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
 # %% ../nbs/04_adv_distill.ipynb #c044
 def load_adv_config(run_dir) -> AdvConfig:
     "The AdvConfig recorded in a run's config.json (unknown keys ignored)."
-    p = Path(run_dir)/'config.json'
-    if not p.is_file(): raise TurboTalkError(f'no adversarial run at {run_dir}: {p} is missing')
-    d, names = json.loads(p.read_text())['config'], {f.name for f in fields(AdvConfig)}
-    return AdvConfig(**{k: v for k, v in d.items() if k in names})
+    return read_config(AdvConfig, run_dir, 'adversarial')
 
 def finished_phases(run_dir) -> list[int]:
     "The phases of a run whose EMA student was exported, most steps first."

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
@@ -322,10 +322,7 @@ def train_dmd(cfg:DMDConfig, cmd:str|None=None) -> tuple[DMDMethod, list]:
 # %% ../nbs/03_dmd.ipynb #c029
 def load_dmd_config(run_dir) -> DMDConfig:
     "The DMDConfig recorded in a run's config.json (unknown keys ignored)."
-    p = Path(run_dir)/'config.json'
-    if not p.is_file(): raise TurboTalkError(f'no DMD run at {run_dir}: {p} is missing')
-    d, names = json.loads(p.read_text())['config'], {f.name for f in fields(DMDConfig)}
-    return DMDConfig(**{k: v for k, v in d.items() if k in names})
+    return read_config(DMDConfig, run_dir, 'DMD')
 
 def load_student(run_dir, ema:bool=True, device='cpu'):
     "(the trained student Denoiser in eval mode, its DMDConfig, the teacher's TeacherConfig)."

@@ -23,7 +23,7 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
            'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
            'last_ckpt', 'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step',
-           'emergency_save', 'fit', 'config_parser']
+           'emergency_save', 'fit', 'read_config', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -505,6 +505,13 @@ def _arg_type(v):
     if isinstance(v, bool): return _parse_bool
     if isinstance(v, tuple): return lambda s: tuple(float(x) for x in s.split(','))
     return type(v)
+
+def read_config(cls, run_dir, kind:str='', defaults:dict|None=None):
+    "The `cls` config recorded in a run's config.json (unknown keys ignored; `defaults` fill keys that older runs lack)."
+    p = Path(run_dir)/'config.json'
+    if not p.is_file(): raise TurboTalkError(f"no {kind + ' ' if kind else ''}run at {run_dir}: {p} is missing")
+    d, names = {**(defaults or {}), **json.loads(p.read_text())['config']}, {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 def config_parser(cls, prog:str, description:str=''):
     "argparse.ArgumentParser with one --option per field of the dataclass `cls` (its default and type)."

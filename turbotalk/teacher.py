@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser
+from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
@@ -312,11 +312,8 @@ def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, 
 # %% ../nbs/02b_teacher.ipynb #c043
 def load_config(run_dir) -> TeacherConfig:
     "The TeacherConfig recorded in a run's config.json (unknown keys ignored)."
-    p = Path(run_dir)/'config.json'
-    if not p.is_file(): raise TurboTalkError(f'no teacher run at {run_dir}: {p} is missing')
-    d, names = json.loads(p.read_text())['config'], {f.name for f in fields(TeacherConfig)}
-    d = dict(audio_norm='none', aug_gain_db=0., aug_noise_p=0.) | d   # runs from before the level front end
-    return TeacherConfig(**{k: v for k, v in d.items() if k in names})
+    return read_config(TeacherConfig, run_dir, 'teacher',
+                       dict(audio_norm='none', aug_gain_db=0., aug_noise_p=0.))   # runs from before the level front end
 
 def load_teacher(run_dir, ema:bool=True, device='cpu') -> tuple[Denoiser, TeacherConfig]:
     "The trained Denoiser of a teacher run (eval mode) and its config."

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'env_info', 'RunDir', 'save_weights',
+__all__ = ['TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info', 'RunDir', 'save_weights',
            'load_weights']
 
 # %% ../nbs/00_core.ipynb #c006
@@ -31,10 +31,16 @@ def seed_everything(seed:int # the run's seed
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #c011
+def repo_root() -> Path:
+    "The repository this package belongs to (in a notebook: the nearest folder up from the working directory with settings.ini)."
+    if '__file__' in globals(): return Path(__file__).resolve().parent.parent
+    here = Path.cwd().resolve()
+    return next((p for p in (here, *here.parents) if (p/'settings.ini').is_file()), here)
+
 def _git_sha() -> str|None:
     "The repo's HEAD sha (with `-dirty` if tracked files outside papermill_runs/ differ from it), or None outside git."
     try:
-        root = Path(__file__).resolve().parent.parent if '__file__' in globals() else Path.cwd()
+        root = repo_root()
         sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=5)
         if sha.returncode: return None
         dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':(exclude)papermill_runs'], cwd=root,

@@ -18,13 +18,12 @@ from .core import TurboTalkError, MediaError, WeightsError, seed_everything, sav
 __all__ = ['MOUTH_CROP', 'SYNCNET_SIZES', 'PROBE_NAMES', 'PROBES_RUN', 'PROBE_STEPS', 'INCEPTION_FILE', 'I3D_FILE', 'DIST_KEYS',
            'LPIPS_BACKBONES', 'DIV_KEYS', 'NOTE_SEP', 'ROW_KEYS', 'MetricUnavailable', 'as_video', 'check_audio',
            'ProbeNet', 'mouth_sync', 'syncnet_mfcc', 'SyncNetConfig', 'SyncNet', 'load_syncnet', 'sync_windows',
-           'sync_protocol', 'sync_score', 'ClipNet', 'probe_config', 'Probes', 'probe_readings', 'repo_root',
-           'default_probes_dir', 'save_probes', 'load_probes', 'synth_gt_clips', 'gt_clips', 'fit_regressor',
-           'fit_identity', 'fit_sync', 'fit_clipnet', 'fit_probes', 'probe_report', 'FrameFeatures', 'ClipFeatures',
-           'inception_fid', 'I3DFeatures', 'i3d_fvd', 'DistMetrics', 'csim', 'psnr_ssim', 'flicker', 'LPIPS',
-           'sample_spread', 'blur', 'add_noise', 'freeze_mouth', 'freeze_head', 'delay_audio', 'copy_reference',
-           'temporal_blur', 'shuffled_audio', 'video_folder', 'clip_metrics', 'evaluate', 'write_table',
-           'resolve_generator']
+           'sync_protocol', 'sync_score', 'ClipNet', 'probe_config', 'Probes', 'probe_readings', 'default_probes_dir',
+           'save_probes', 'load_probes', 'synth_gt_clips', 'gt_clips', 'fit_regressor', 'fit_identity', 'fit_sync',
+           'fit_clipnet', 'fit_probes', 'probe_report', 'FrameFeatures', 'ClipFeatures', 'inception_fid', 'I3DFeatures',
+           'i3d_fvd', 'DistMetrics', 'csim', 'psnr_ssim', 'flicker', 'LPIPS', 'sample_spread', 'blur', 'add_noise',
+           'freeze_mouth', 'freeze_head', 'delay_audio', 'copy_reference', 'temporal_blur', 'shuffled_audio',
+           'video_folder', 'clip_metrics', 'evaluate', 'write_table', 'resolve_generator']
 
 # %% ../nbs/05_eval.ipynb #c005
 class MetricUnavailable(TurboTalkError, RuntimeError):
@@ -316,11 +315,7 @@ def probe_readings(probes:Probes, video, bs:int=256) -> dict:
     return dict(open=m[:, 0], width=m[:, 1], yaw=p[:, 0], pitch=p[:, 1], roll=p[:, 2], emb=e)
 
 # %% ../nbs/05_eval.ipynb #c036
-def repo_root() -> Path:
-    "The repository this module belongs to (in a notebook: the nearest folder up from the working directory with settings.ini)."
-    if '__file__' in globals(): return Path(__file__).resolve().parent.parent
-    here = Path.cwd().resolve()
-    return next((p for p in (here, *here.parents) if (p/'settings.ini').is_file()), here)
+from .core import repo_root   # the one definition; also turbotalk.metrics.repo_root
 
 def default_probes_dir() -> Path:
     "papermill_runs/eval_probes/<PROBES_RUN>/probes in the repo this module belongs to."

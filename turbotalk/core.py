@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import dataclasses, json, os, platform, random, subprocess, sys, time
+import dataclasses, hashlib, json, os, platform, random, subprocess, sys, time
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info', 'RunDir', 'save_weights',
-           'load_weights']
+__all__ = ['STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info', 'RunDir',
+           'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
 
 # %% ../nbs/00_core.ipynb #c006
 class TurboTalkError(Exception):
@@ -123,3 +123,41 @@ def load_weights(path, # `.safetensors`, or a torch checkpoint read with weights
             return load_file(str(path), device=str(device))
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e: raise WeightsError(f'cannot read weights from {path}: {e}') from e
+
+# %% ../nbs/00_core.ipynb #c021
+STAMP = 'inputs.json'   # what a run was made from (see run_status)
+
+def file_sha256(path, chunk:int=1 << 20) -> str:
+    "sha256 of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(chunk), b''): h.update(b)
+    return h.hexdigest()
+
+def run_inputs(params:dict, files=()) -> dict:
+    "What a job is made from: its parameters (as strings) and the sha256 of every input file; a missing input is an error."
+    miss = [str(f) for f in files if not Path(f).is_file()]
+    if miss: raise FileNotFoundError(f'inputs of the job are missing: {", ".join(miss)}')
+    return dict(params={k: str(v) for k, v in sorted(params.items())}, files={str(f): file_sha256(f) for f in sorted(map(str, files))})
+
+def run_status(run, params:dict, files=(), outputs=()) -> tuple:
+    "('done' | 'resume' | 'new', why): done when `run` holds every output and its finished inputs.json matches; resume when it matches but unfinished."
+    run, new = Path(run), run_inputs(params, files)
+    try: old = json.loads((run/STAMP).read_text())
+    except FileNotFoundError: return 'new', f'no {STAMP}'
+    except ValueError: return 'new', f'{STAMP} is unreadable'
+    diff = [f'parameter {k}: {old["params"].get(k)!r} -> {v!r}' for k, v in new['params'].items() if old.get('params', {}).get(k) != v]
+    diff += [f'parameter {k} dropped' for k in old.get('params', {}) if k not in new['params']]
+    diff += [f'input {f} changed' for f, h in new['files'].items() if old.get('files', {}).get(f) != h]
+    diff += [f'input {f} dropped' for f in old.get('files', {}) if f not in new['files']]
+    if diff: return 'new', '; '.join(diff)
+    miss = [o for o in outputs if not (run/o).exists()]
+    if old.get('status') != 'done' or miss:
+        return 'resume', 'unfinished' if old.get('status') != 'done' else f'missing {", ".join(map(str, miss))}'
+    return 'done', 'outputs present, same parameters and inputs'
+
+def stamp_run(run, params:dict, files=(), status:str='done') -> Path:
+    "Write `run`/inputs.json (atomically) for these parameters and input files."
+    p = Path(run)/STAMP; p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + '.tmp'); tmp.write_text(json.dumps(dict(status=status, **run_inputs(params, files)), indent=1) + '\n')
+    os.replace(tmp, p); return p

@@ -1,0 +1,129 @@
+"""The main job on the embedded default: SynthTalk -> data chapter -> teacher -> evaluation v2 baselines -> Stage 1 DMD
+(4-step student, and direct 1-step DMD as a baseline) -> Stage 2 (4 -> 3 -> 2 -> 1) -> the final table and a sample mp4.
+
+Every step is a papermill job into a run folder under papermill_runs/. A step whose run folder holds its outputs and whose
+inputs.json matches (same notebook parameters, same data version and upstream weights: turbotalk.core.run_status) is
+skipped, so a second run changes nothing; an interrupted step resumes from its last checkpoint. The teacher is the
+committed one unless TEACHER=train. REDO=step[,step] (or all) remakes steps whatever their state.
+
+    python scripts/demo.py [--plan] [--adopt]     (make demo runs it with the project's .venv)
+"""
+from __future__ import annotations
+import argparse, json, os, shutil, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from turbotalk.core import run_status, stamp_run, STAMP  # noqa: E402
+
+DATA = os.environ.get('SYNTHTALK', 'data/synthtalk')
+RUNS = os.environ.get('RUNS', 'papermill_runs')
+TEACHER = f'{RUNS}/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'   # the shipped teacher (v1 front end)
+EVAL, DMD1, DMD4 = f'{RUNS}/eval/synthtalk_test32', f'{RUNS}/dmd/synth_dmd1_seed0', f'{RUNS}/dmd/synth_dmd4_seed0'
+ADV = f'{RUNS}/adv/synth_adv_seed0'
+META = f'{DATA}/version.json'   # the data's identity: generator version, seed, sizes (meta.json without timings)
+TW, SW = f'{TEACHER}/weights/teacher_ema.safetensors', f'{DMD4}/weights/student_ema.safetensors'
+PROBES = 'papermill_runs/eval_probes/st64_seed0/probes/probes.json'
+
+# name, notebook, run folder, parameters (what the run is made from), input files, outputs, torch threads, about (2-core CPU)
+STEPS = [
+    ('data', 'nbs/01_data.ipynb', f'{RUNS}/synthtalk', dict(data=DATA, split='test', out=f'{RUNS}/synthtalk'),
+     [META], ['01_data.ipynb', 'results.json'], 1, 'a clip seen and heard, model-free sync check (< 1 min)'),
+    ('teacher', 'nbs/02b_teacher.ipynb', TEACHER,
+     dict(data=DATA, out=TEACHER, audio_norm='none', aug_gain_db=0.0, aug_noise_p=0.0),
+     [META], ['02b_teacher.ipynb', 'results.json', 'weights/teacher_ema.safetensors'], 1,
+     'the embedded synth teacher: 1800 steps of flow matching, then scored (about 60 min; TEACHER=train)'),
+    ('eval', 'nbs/05_eval.ipynb', EVAL, dict(data=DATA, n_clips=32, out=EVAL, teacher=TEACHER),
+     [META, TW, PROBES], ['05_eval.ipynb', 'results.json', 'compare.md'], 1,
+     'evaluation v2: the baseline rows every table carries, cached (about 4 min; 25 min without the cache)'),
+    ('dmd1', 'nbs/03_dmd.ipynb', DMD1, dict(out=DMD1, teacher=TEACHER, data=DATA, eval_cache=EVAL, sigmas='1'),
+     [META, TW], ['03_dmd.ipynb', 'results.json'], 2, 'Stage 1 baseline: DMD straight to one step (about 20 min)'),
+    ('dmd4', 'nbs/03_dmd.ipynb', DMD4, dict(out=DMD4, teacher=TEACHER, data=DATA, eval_cache=EVAL, others=DMD1),
+     [META, TW], ['03_dmd.ipynb', 'results.json', 'weights/student_ema.safetensors'], 2,
+     'Stage 1: DMD of the teacher into the 4-step student (about 20 min)'),
+    ('adv', 'nbs/04_adv_distill.ipynb', ADV,
+     dict(out=ADV, steps=1, teacher=TEACHER, student4=DMD4, data=DATA, eval_cache=EVAL, dmd1=DMD1,
+          phase_iters='100,100,100', warm_iters=50),
+     [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md'], 2,
+     'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 45 min)'),
+]
+RESUMABLE = {'teacher', 'dmd1', 'dmd4', 'adv'}   # notebooks with a `resume` parameter (training jobs)
+
+
+def sh(*cmd, env=None):
+    print('$', ' '.join(map(str, cmd)), flush=True)
+    subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT, env=env)
+
+
+def make_data():
+    if not (ROOT/DATA/'meta.json').exists():
+        sh(sys.executable, '-m', 'turbotalk.synthtalk', '--out', DATA, '--n-clips', 500, '--seed', 0, '--split', 'all')
+    sh(sys.executable, '-c', f'from turbotalk.synthtalk import check_synthtalk as c; c({DATA!r})')  # refuses an older generator's data
+    m = json.loads((ROOT/DATA/'meta.json').read_text())
+    v = dict(generator_version=m.get('generator_version'), seed=m.get('seed'), counts=m.get('counts'), skipped=m.get('skipped'),
+             config={k: x for k, x in m.get('config', {}).items() if k != 'workers'})   # the same data on any machine
+    text = json.dumps(v, indent=1, sort_keys=True) + '\n'
+    if not (ROOT/META).exists() or (ROOT/META).read_text() != text: (ROOT/META).write_text(text)   # written only when it changes
+
+
+def set_aside(run: Path):
+    "Checkpoints made from other inputs are moved aside (never deleted): the new job starts fresh."
+    ck = run/'checkpoints'
+    if ck.exists():
+        dst = run/f'checkpoints.stale-{time.strftime("%Y%m%d-%H%M%S")}'
+        ck.rename(dst); print(f'   checkpoints from other inputs kept in {dst}')
+
+
+def papermill(name, nb, run, params, threads):
+    ps = dict(params, **({'resume': True} if name in RESUMABLE else {}))
+    args = ['papermill', '--log-level', 'WARNING', nb, f'{run}/{Path(nb).name}']
+    for k, v in ps.items(): args += ['-p', k, str(v)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', str(threads)), HF_HUB_OFFLINE='1')
+    env.pop('MPLBACKEND', None)   # the kernels keep the inline backend, so executed notebooks keep their figures
+    env['TURBOTALK_CMD'] = ' '.join(args[:1] + args[3:])   # cmd.txt records it
+    sh(*args, env=env)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--plan', action='store_true', help='say what each step would do, run nothing')
+    ap.add_argument('--adopt', action='store_true',
+                    help="stamp finished runs that have no inputs.json when their config.json matches the step's parameters")
+    a = ap.parse_args(argv)
+    os.chdir(ROOT)
+    redo = {s for s in os.environ.get('REDO', '').split(',') if s}
+    names = [s[0] for s in STEPS]
+    if redo - set(names) - {'all'}: sys.exit(f'REDO names unknown steps {sorted(redo - set(names))}; steps: {", ".join(names)}')
+    train_teacher = os.environ.get('TEACHER', 'committed') == 'train'
+    t0 = time.time()
+    if not a.plan: print(f'== SynthTalk benchmark -> {DATA}'); make_data()
+    for i, (name, nb, run, params, files, outs, threads, about) in enumerate(STEPS, 1):
+        run = Path(run)
+        status, why = run_status(run, params, files, outs) if all(Path(f).exists() for f in files) else ('new', 'inputs missing')
+        forced = 'all' in redo or name in redo or (name == 'teacher' and train_teacher)
+        if a.adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
+            cfg = json.loads((run/'config.json').read_text()).get('config', {}) if (run/'config.json').exists() else {}
+            bad = [k for k, v in params.items() if k in cfg and str(cfg[k]) != str(v)]
+            if not bad: stamp_run(run, params, files); status, why = 'done', 'adopted: config.json matches the parameters'
+            else: why += f'; not adopted, config.json differs in {bad}'
+        print(f'== {i}/{len(STEPS)} {name}: {about} -> {run}\n   {status}: {why}' + (' (REDO)' if forced else ''), flush=True)
+        if a.plan or a.adopt: continue
+        if status == 'done' and not forced: continue
+        if name == 'teacher' and not train_teacher:
+            if not all((run/o).exists() for o in outs):
+                sys.exit(f'the committed teacher is missing from {run}; TEACHER=train make demo trains it (about 60 min)')
+            print('   using the committed teacher weights (TEACHER=train make demo retrains it)'); continue
+        if status == 'new' or forced: set_aside(run)
+        stamp_run(run, params, files, 'running')
+        papermill(name, nb, run, params, threads)
+        stamp_run(run, params, files, 'done')
+    if a.plan or a.adopt: return
+    print(f'== the final table ({ADV}/compare.md): the students of every phase next to the baseline rows')
+    print((ROOT/ADV/'compare.md').read_text())
+    mp4 = sorted((ROOT/ADV/'samples').glob('test_phase3_*.mp4'))
+    if mp4: print(f'a 1-step sample with its sound: {mp4[0].relative_to(ROOT)}')
+    print(f'main job done in {(time.time() - t0) / 60:.1f} min')
+
+
+if __name__ == '__main__':
+    main()

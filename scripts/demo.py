@@ -9,7 +9,7 @@ committed one unless TEACHER=train. REDO=step[,step] (or all) remakes steps what
     python scripts/demo.py [--plan] [--adopt]     (make demo runs it with the project's .venv)
 """
 from __future__ import annotations
-import argparse, json, os, shutil, subprocess, sys, time
+import argparse, ast, json, os, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,23 @@ STEPS = [
      'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 45 min)'),
 ]
 RESUMABLE = {'teacher', 'dmd1', 'dmd4', 'adv'}   # notebooks with a `resume` parameter (training jobs)
+
+
+def _value(v):
+    "A parameter value as Python sees it: notebook defaults are source text, comma lists are tuples, numbers are floats."
+    if isinstance(v, str):
+        try: v = ast.literal_eval(v)
+        except (ValueError, SyntaxError): return v
+    if isinstance(v, list): v = tuple(v)
+    if isinstance(v, tuple): return tuple(_value(x) for x in v)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def effective(nb, params: dict) -> dict:
+    "The job's parameters in effect: the notebook's defaults (read by papermill) overridden by the step's; `resume` is control, not input."
+    import papermill
+    d = {k: _value(p['default']) for k, p in papermill.inspect_notebook(str(ROOT/nb)).items() if k != 'resume'}
+    return d | {k: _value(v) for k, v in params.items()}
 
 
 def sh(*cmd, env=None):
@@ -98,13 +115,13 @@ def main(argv=None):
     t0 = time.time()
     if not a.plan: print(f'== SynthTalk benchmark -> {DATA}'); make_data()
     for i, (name, nb, run, params, files, outs, threads, about) in enumerate(STEPS, 1):
-        run = Path(run)
-        status, why = run_status(run, params, files, outs) if all(Path(f).exists() for f in files) else ('new', 'inputs missing')
+        run, eff = Path(run), effective(nb, params)
+        status, why = run_status(run, eff, files, outs) if all(Path(f).exists() for f in files) else ('new', 'inputs missing')
         forced = 'all' in redo or name in redo or (name == 'teacher' and train_teacher)
         if a.adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
             cfg = json.loads((run/'config.json').read_text()).get('config', {}) if (run/'config.json').exists() else {}
-            bad = [k for k, v in params.items() if k in cfg and str(cfg[k]) != str(v)]
-            if not bad: stamp_run(run, params, files); status, why = 'done', 'adopted: config.json matches the parameters'
+            bad = [k for k, v in eff.items() if k in cfg and _value(cfg[k]) != v]
+            if not bad: stamp_run(run, eff, files); status, why = 'done', 'adopted: config.json matches the parameters'
             else: why += f'; not adopted, config.json differs in {bad}'
         print(f'== {i}/{len(STEPS)} {name}: {about} -> {run}\n   {status}: {why}' + (' (REDO)' if forced else ''), flush=True)
         if a.plan or a.adopt: continue
@@ -114,9 +131,9 @@ def main(argv=None):
                 sys.exit(f'the committed teacher is missing from {run}; TEACHER=train make demo trains it (about 60 min)')
             print('   using the committed teacher weights (TEACHER=train make demo retrains it)'); continue
         if status == 'new' or forced: set_aside(run)
-        stamp_run(run, params, files, 'running')
+        stamp_run(run, eff, files, 'running')
         papermill(name, nb, run, params, threads)
-        stamp_run(run, params, files, 'done')
+        stamp_run(run, eff, files, 'done')
     if a.plan or a.adopt: return
     print(f'== the final table ({ADV}/compare.md): the students of every phase next to the baseline rows')
     print((ROOT/ADV/'compare.md').read_text())

@@ -41,17 +41,17 @@ def shared_rng(seed:int, n:int, step:int) -> torch.Generator:
     return step_rng(step, 10 * seed + n)
 
 # %% ../nbs/04_adv_distill.ipynb #c008
-def phase_sigmas(n:int, custom:str='') -> list[float]:
-    "Step list of the n-step phase: the list with n levels among `custom` (';'-separated step lists), else n levels equally spaced from 1."
+def phase_sigmas(n:int, custom:str='', shift:float=1.0) -> list[float]:
+    "Step list of the n-step phase: the list with n levels among `custom` (';'-separated step lists), else n levels equally spaced from 1, then shifted."
     for spec in filter(str.strip, str(custom).split(';')):
         if len(s := step_list(spec)) == n: return s
-    return [round(1 - i / n, 6) for i in range(n)]
+    return [round(float(shift_sigma(1 - i / n, shift)), 6) for i in range(n)]
 
-def schedules(first, steps:int, custom:str='') -> dict:
+def schedules(first, steps:int, custom:str='', shift:float=1.0) -> dict:
     "{n: step list}: the Stage-1 student's own list (n0 levels), then the phases n0-1 ... `steps`."
     first = step_list(first); n0 = len(first)
     if not 1 <= steps < n0: raise TurboTalkError(f'steps must be in 1..{n0 - 1} for a {n0}-step Stage-1 student, got {steps}')
-    return {n0: first} | {n: phase_sigmas(n, custom) for n in range(n0 - 1, steps - 1, -1)}
+    return {n0: first} | {n: phase_sigmas(n, custom, shift) for n in range(n0 - 1, steps - 1, -1)}
 
 # %% ../nbs/04_adv_distill.ipynb #c011
 TIMESTEPS = ('progressive', 'fixed', 'uniform')
@@ -134,7 +134,8 @@ class AdvConfig(StageConfig):
     data: str = 'data/synthtalk' # SynthTalk folder with train/ val/ test/
     steps: int = 1               # target steps: 1 runs 4 -> 3 -> 2 -> 1, 2 stops after 4 -> 3 -> 2
     phase_iters: str = ''        # iterations of the phases in order, comma-separated (empty: max_steps each)
-    sigmas: str = ''             # step lists of the phases, ';'-separated; a list of n levels is phase n's (empty: equally spaced)
+    sigmas: str = ''             # step lists of the phases, ';'-separated; a list of n levels is phase n's (empty: equally spaced, shifted)
+    sigma_shift: float = 5.0     # shift of those equally spaced lists (the teacher's sampling shift; 1: none, as runs before it)
     phase_init: str = 'ema'      # a phase starts from the previous phase's 'ema' or 'raw' student
     timesteps: str = 'progressive' # 'progressive' (warm-up over the gap), 'fixed' or 'uniform' (random levels)
     warm_iters: int = 100        # warm-up iterations of progressive timestep sampling after each phase switch
@@ -401,7 +402,7 @@ def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
     "Phases n0-1 ... cfg.steps into cfg.out, each one `fit` from the previous phase's student; (last method, {n: history})."
     from turbotalk.teacher import teacher_features
     prev, dcfg, tcfg = load_upstream(cfg)
-    sched = schedules(dcfg.sigmas, cfg.steps, cfg.sigmas); plan = phase_plan(cfg, sched)
+    sched = schedules(dcfg.sigmas, cfg.steps, cfg.sigmas, cfg.sigma_shift); plan = phase_plan(cfg, sched)
     run = RunDir(cfg.out)
     if _is_main():
         _fresh(run, cfg, plan); run.write_config(cfg); run.write_cmd(cmd)
@@ -423,7 +424,7 @@ def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
 # %% ../nbs/04_adv_distill.ipynb #c044
 def load_adv_config(run_dir) -> AdvConfig:
     "The AdvConfig recorded in a run's config.json (unknown keys ignored)."
-    return read_config(AdvConfig, run_dir, 'adversarial')
+    return read_config(AdvConfig, run_dir, 'adversarial', dict(sigma_shift=1.0))   # runs before sigma_shift: unshifted lists
 
 def finished_phases(run_dir) -> list[int]:
     "The phases of a run whose EMA student was exported, most steps first."
@@ -437,7 +438,7 @@ def load_phase(run_dir, n:int, device='cpu') -> tuple:
     if not w.is_file(): raise WeightsError(f'{w} is missing: phase {n} has not finished (resume the run with -p resume True)')
     model, dcfg, tcfg = load_student(need_student(cfg.student4))
     model.load_state_dict(load_weights(w))
-    return model.eval().to(device), schedules(dcfg.sigmas, n, cfg.sigmas)[n], cfg, tcfg
+    return model.eval().to(device), schedules(dcfg.sigmas, n, cfg.sigmas, cfg.sigma_shift)[n], cfg, tcfg
 
 # %% ../nbs/04_adv_distill.ipynb #c044b
 def phase_name(n:int) -> str: return f"TurboTalk {n} step{'s' if n > 1 else ''}"

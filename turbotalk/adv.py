@@ -123,7 +123,7 @@ class AdvConfig(StageConfig):
     max_steps: int = 200         # iterations per phase (phase_iters sets them one by one)
     bs: int = 8                  # global batch size
     lr_g: float = 5e-5           # AdamW learning rate of the student (the order of Stage 1)
-    lr_d: float = 1e-4           # AdamW learning rate of the discriminator
+    lr_d: float = 2e-3           # AdamW learning rate of the discriminator (1e-4 left its logits at 0 for 100 iterations)
     betas: tuple = (0.0, 0.99)   # AdamW betas (R3GAN)
     ema: float = 0.95            # EMA decay of the student per update (phases start from and ship the EMA)
     log_every: int = 1           # metrics.jsonl row every n iterations

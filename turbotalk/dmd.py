@@ -23,7 +23,7 @@ from .synthtalk import check_synthtalk
 __all__ = ['SHIPPED_TEACHER', 'LOSS_KEYS', 'keyed_rng', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd',
            'dmd_data', 'Pairs', 'ode_pairs', 'RegressMethod', 'ShowDMD', 'student_generator', 'student_hook',
            'train_dmd', 'load_dmd_config', 'load_student', 'student_name', 'evaluate_student', 'speed_compare',
-           'dmd_checks', 'dmd_table', 'main', 'papermill_cmd']
+           'dmd_checks', 'table_rows', 'dmd_table', 'main', 'papermill_cmd']
 
 # %% ../nbs/03_dmd.ipynb #c005
 def _rank() -> int:
@@ -380,13 +380,21 @@ def dmd_checks(row:dict, baselines:list) -> dict:
     out['diversity_ge_0_5x_teacher'] = s['diversity'] is not None and s['diversity'] >= 0.5
     return out
 
+def table_rows(rows:list, others=()) -> list:
+    "`rows`, then the rows of the runs `others`; a row whose name is taken (a second 4-step student) is named after its run folder."
+    out = list(rows)
+    for o in others:
+        for r in RunDir(o).results().get('rows', []):
+            out.append(r if r['name'] not in {x['name'] for x in out} else {**r, 'name': f"{r['name']} ({Path(o).name})"})
+    return out
+
 def dmd_table(run_dir, others=(), log=print) -> dict:
     "compare.md/.csv in the run folder: this student and the rows of `others` (run folders) among the baselines; checks."
     from turbotalk.baselines import baseline_rows, compare_table
     cfg, res = load_dmd_config(run_dir), RunDir(run_dir).results()
     if not res.get('rows'): raise TurboTalkError(f'{run_dir} has no evaluation rows yet: run evaluate_student first')
     base = baseline_rows(cfg.teacher, cfg.data, cfg.eval_cache, log=log)
-    rows = res['rows'] + [r for o in others for r in RunDir(o).results().get('rows', [])]
+    rows = table_rows(res['rows'], others)
     text = compare_table(rows, base, out=run_dir, stem='compare')
     checks = dmd_checks(res['rows'][0], base)
     RunDir(run_dir).update_results(checks=checks, table_runs=[str(run_dir), *map(str, others)])

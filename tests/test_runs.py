@@ -17,7 +17,7 @@ import nbformat, pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT/'papermill_runs'
-NBS = sorted(RUNS.glob('**/*.ipynb')) if RUNS.is_dir() else []
+NBS = sorted(p for p in RUNS.glob('**/*.ipynb') if '.ipynb_checkpoints' not in p.parts) if RUNS.is_dir() else []   # not JupyterLab's autosaves
 IDS = [str(p.relative_to(RUNS)) for p in NBS]
 
 FIGURE_CALLS = {'subplots', 'subplot', 'subplot_mosaic', 'figure', 'show', 'imshow', 'matshow', 'plot', 'scatter', 'hist',

@@ -6,7 +6,7 @@ inputs.json matches (same notebook parameters, same data version and upstream we
 skipped, so a second run changes nothing; an interrupted step resumes from its last checkpoint. The teacher is the
 committed one unless TEACHER=train. REDO=step[,step] (or all) remakes steps whatever their state.
 
-    python scripts/demo.py [--plan] [--adopt]     (make demo runs it with the project's .venv)
+    python scripts/demo.py [--plan] [--adopt STEP,STEP|all]     (make demo runs it with the project's .venv)
 """
 from __future__ import annotations
 import argparse, ast, json, os, subprocess, sys, time
@@ -54,7 +54,10 @@ def _value(v):
     "A parameter value as Python sees it: notebook defaults are source text, comma lists are tuples, numbers are floats."
     if isinstance(v, str):
         try: v = ast.literal_eval(v)
-        except (ValueError, SyntaxError): return v
+        except (ValueError, SyntaxError): pass
+    if isinstance(v, str) and ',' in v:   # '0.9,0.999': the tuple the config holds
+        try: return tuple(float(x) for x in v.split(','))
+        except ValueError: return v
     if isinstance(v, list): v = tuple(v)
     if isinstance(v, tuple): return tuple(_value(x) for x in v)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
@@ -104,21 +107,24 @@ def papermill(name, nb, run, params, threads):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--plan', action='store_true', help='say what each step would do, run nothing')
-    ap.add_argument('--adopt', action='store_true',
-                    help="stamp finished runs that have no inputs.json when their config.json matches the step's parameters")
+    ap.add_argument('--adopt', metavar='STEPS', default='',
+                    help="stamp these steps' finished runs (comma list, or all) that have no inputs.json when their config.json "
+                         "matches the step's parameters: only for runs known to be made from today's inputs (data, upstream weights)")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
     redo = {s for s in os.environ.get('REDO', '').split(',') if s}
     names = [s[0] for s in STEPS]
     if redo - set(names) - {'all'}: sys.exit(f'REDO names unknown steps {sorted(redo - set(names))}; steps: {", ".join(names)}')
     train_teacher = os.environ.get('TEACHER', 'committed') == 'train'
+    adopt = set(names) if a.adopt == 'all' else {s for s in a.adopt.split(',') if s}
+    if adopt - set(names): sys.exit(f'--adopt names unknown steps {sorted(adopt - set(names))}; steps: {", ".join(names)}')
     t0 = time.time()
     if not a.plan: print(f'== SynthTalk benchmark -> {DATA}'); make_data()
     for i, (name, nb, run, params, files, outs, threads, about) in enumerate(STEPS, 1):
         run, eff = Path(run), effective(nb, params)
         status, why = run_status(run, eff, files, outs) if all(Path(f).exists() for f in files) else ('new', 'inputs missing')
         forced = 'all' in redo or name in redo or (name == 'teacher' and train_teacher)
-        if a.adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
+        if name in adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
             cfg = json.loads((run/'config.json').read_text()).get('config', {}) if (run/'config.json').exists() else {}
             bad = [k for k, v in eff.items() if k in cfg and _value(cfg[k]) != v]
             if not bad: stamp_run(run, eff, files); status, why = 'done', 'adopted: config.json matches the parameters'

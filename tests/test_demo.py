@@ -46,7 +46,7 @@ def test_second_run_skips_everything_and_changes_nothing(finished):
     m, data, runs, env = finished
     plan = _run(env, '--plan').stdout
     assert plan.count('new: no inputs.json') == len(m.STEPS), plan
-    out = _run(env, '--adopt').stdout
+    out = _run(env, '--adopt', 'all').stdout
     assert out.count('adopted: config.json matches') == len(m.STEPS), out
     before = _snapshot(runs) | {'data/' + k: v for k, v in _snapshot(data).items()}
     out = _run(env).stdout                                            # "make demo" with everything finished
@@ -60,7 +60,7 @@ def test_changed_inputs_or_parameters_rerun(finished):
     m, data, runs, env = finished
     cfg = Path(m.DMD4)/'config.json'; c = json.loads(cfg.read_text()); c['config']['eval_cache'] = 'elsewhere'
     cfg.write_text(json.dumps(c))                                     # a run made with other parameters is not adopted
-    out = _run(env, '--adopt').stdout
+    out = _run(env, '--adopt', 'all').stdout
     assert "not adopted, config.json differs in ['eval_cache']" in out, out
     assert out.count('adopted: config.json matches') == len(m.STEPS) - 1
     v = Path(m.META).read_text()
@@ -77,6 +77,6 @@ def test_clear_errors(finished):
     m, data, runs, env = finished
     r = _run(dict(env, REDO='dmd9'), check=False)
     assert r.returncode != 0 and 'REDO names unknown steps' in r.stderr and 'dmd4' in r.stderr
-    _run(env, '--adopt'); (Path(m.TW)).unlink()
+    _run(env, '--adopt', 'all'); (Path(m.TW)).unlink()
     r = _run(env, check=False)
     assert r.returncode != 0 and 'TEACHER=train make demo trains it' in r.stderr, r.stdout + r.stderr

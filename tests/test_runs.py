@@ -97,8 +97,7 @@ def has_png(cell) -> bool:
     return any('image/png' in (o.get('data') or {}) for o in cell.get('outputs', []))
 
 # Runs known to lack their figures, each with the command that remakes it; strict: once remade, the entry must go
-NO_FIGURES = {'teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0/02b_teacher.ipynb':
-              'made under MPLBACKEND=Agg before the fix (3025c7c); `make demo` step 3 remakes it (about 45 min on 2 CPU cores)'}
+NO_FIGURES = {}   # (the shipped teacher's run, made under MPLBACKEND=Agg, was remade in full)
 
 def test_figure_cells_show_a_figure(nb, request):
     path, book = nb

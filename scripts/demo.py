@@ -143,7 +143,8 @@ def main(argv=None):
     if a.plan or a.adopt: return
     print(f'== the final table ({ADV}/compare.md): the students of every phase next to the baseline rows')
     print((ROOT/ADV/'compare.md').read_text())
-    mp4 = sorted((ROOT/ADV/'samples').glob('test_phase3_*.mp4'))
+    n = dict((s[0], s[3]) for s in STEPS)['adv']['steps']   # phase n's files are named after its number of steps
+    mp4 = sorted((ROOT/ADV/'samples').glob(f'test_phase{n}_*.mp4'))
     if mp4: print(f'a 1-step sample with its sound: {mp4[0].relative_to(ROOT)}')
     print(f'main job done in {(time.time() - t0) / 60:.1f} min')
 

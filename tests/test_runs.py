@@ -211,3 +211,13 @@ def test_link_rule():
           '```\n![no](fenced.png)\n```\n$[0, 1](x)$ <img src="samples/v.png"> <video src=\'s.mp4#t=1\'>')
     assert local_links(md) == ['figs/a.png', 'my file.md', 'samples/v.png', 's.mp4']
     assert local_links('<source src="a%20b.mp4" type="video/mp4"> ![x](y.png)', markdown=False) == ['a b.mp4']
+
+
+def test_readme_and_index_show_the_same_images():
+    "README.md (at the root) and nbs/index.ipynb (opened in nbs/) link the same figures, each resolving where it sits."
+    img = re.compile(r'!\[[^\]]*\]\(([^)\s]+)\)')
+    readme = img.findall((ROOT/'README.md').read_text())
+    index = img.findall(''.join(c.source for c in nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4).cells if c.cell_type == 'markdown'))
+    assert readme and [(ROOT/'nbs'/p).resolve() for p in index] == [(ROOT/p).resolve() for p in readme]
+    missing = [p for p in readme if not (ROOT/p).is_file()] + [p for p in index if not (ROOT/'nbs'/p).is_file()]
+    assert not missing, f'images that do not resolve: {missing}'

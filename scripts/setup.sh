@@ -12,9 +12,12 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 exec 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)  # this machine's pip index config is noisy
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" -c constraints.txt torch==2.13.0                      # GPU machine: the CUDA build is wanted
-else  # CPU machine: a local CPU wheel if there is one, else PyTorch's CPU index; never PyPI's CUDA build
-  "${pip[@]}" --no-index --no-deps torch==2.13.0 2>/dev/null ||   # its dependencies come with the next step
-    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+else  # CPU machine: a local CPU wheel if there is one, else the CPU-wheel index named by TORCH_CPU_INDEX_URL; never PyPI's CUDA build
+  if ! "${pip[@]}" --no-index --no-deps torch==2.13.0 2>/dev/null; then   # its dependencies come with the next step
+    [ -n "${TORCH_CPU_INDEX_URL:-}" ] || { echo "no local torch 2.13.0 CPU wheel: set TORCH_CPU_INDEX_URL to an index of" \
+      "PyTorch CPU wheels (PyPI's torch is the CUDA build, several GB)" >&2; exit 1; }
+    "${pip[@]}" torch==2.13.0 --index-url "$TORCH_CPU_INDEX_URL" ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"}
+  fi
 fi
 "${pip[@]}" -c constraints.txt -e ".[dev]"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

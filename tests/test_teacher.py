@@ -132,9 +132,14 @@ def test_two_processes_match_one(synth, tmp_path):
     np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], rtol=1e-4)
     wa = load_weights(tmp_path/'one'/'weights'/'teacher.safetensors')
     wb = load_weights(tmp_path/'two'/'weights'/'teacher.safetensors')
-    # Adam divides by sqrt(v): on near-zero gradients (e.g. the zero-initialised audio gates) float summation-order noise
-    # moves a weight by a fraction of one lr step (lr 1e-3); everything else agrees to ~1e-6
-    for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=3e-4)
+    # Adam divides by sqrt(v): where a gradient is ~0 (e.g. the zero-initialised audio gates) float summation-order noise
+    # can move a weight by up to one lr step per step in either run (CI saw 5.5e-4 on 2 of 25600 elements), so those few
+    # are bounded by Adam's own step bound; the rest agree to ~1e-5 (99%: 7e-6), while unsynchronised gradients move
+    # most weights apart by ~lr.
+    lr, steps = TeacherConfig().lr_g, 4
+    d = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert d.max() <= 2*lr*steps, f'a weight differs by {d.max():.2e}, more than two runs of Adam can move it apart'
+    assert (d > 1e-4).float().mean() < 1e-3, f'{(d > 1e-4).sum()} of {len(d)} weights differ by more than 1e-4'
 
 
 # ---------------------------------------------------------------- evaluation

@@ -153,6 +153,7 @@ class AdvConfig(StageConfig):
     lambda_sc: float = 0.5       # self-compare weight (0: off, and no reference samples)
     sc_pairing: str = 'paired'   # reference samples from the student's noise and conditions ('paired') or 'independent' noise
     sc_d: float = 0.0            # weight of the (reference, student) pair in D's loss (0: D sees real and student only)
+    d_mismatch: float = 1.0      # weight of D's (real clip, real clip with another clip's audio) pair: D must check lip sync
     p_ctx: float = 0.5           # P(an iteration gives the first n_ctx real frames as context)
     n_ctx: int = 2               # context frames
     eval_n_ctx: int = 0          # context frames carried between chunks when sampling (0: independent chunks, as the baselines)
@@ -181,8 +182,8 @@ def _check_adv_cfg(self:AdvConfig):
     if self.ema <= 0: raise TurboTalkError('ema must be > 0: every phase exports the EMA student it ships and the next phase may start from')
     _ints(self.d_blocks, 'd_blocks')
     if not 0 <= self.d_t_min < self.d_t_max <= 1: raise TurboTalkError(f'need 0 <= d_t_min < d_t_max <= 1, got {self.d_t_min}, {self.d_t_max}')
-    if min(self.r1, self.r2, self.pen_sigma, self.lambda_sc, self.sc_d, self.warm_iters, self.n_ctx, self.eval_n_ctx) < 0 or not 0 <= self.p_ctx <= 1:
-        raise TurboTalkError('r1, r2, pen_sigma, lambda_sc, sc_d, warm_iters, n_ctx and eval_n_ctx must be >= 0, p_ctx in [0, 1]')
+    if min(self.r1, self.r2, self.pen_sigma, self.lambda_sc, self.sc_d, self.d_mismatch, self.warm_iters, self.n_ctx, self.eval_n_ctx) < 0 or not 0 <= self.p_ctx <= 1:
+        raise TurboTalkError('r1, r2, pen_sigma, lambda_sc, sc_d, d_mismatch, warm_iters, n_ctx and eval_n_ctx must be >= 0, p_ctx in [0, 1]')
 AdvConfig.__post_init__ = _check_adv_cfg
 
 # %% ../nbs/04_adv_distill.ipynb #c025
@@ -290,6 +291,11 @@ def _adv_d_loss(self:AdvMethod, batch:dict, step:int):
         logs |= dict(zip(('r1', 'r2', 'r2_ref'), (v.detach() for v in r)))
     if k == 3 and cfg.sc_d > 0:                                                      # optional: D also ranks reference > student
         scd = F.softplus(lf - ls[2]).mean(); loss, logs['sc_d'] = loss + cfg.sc_d * scd, scd.detach()
+    if cfg.d_mismatch > 0 and len(lr) > 1:                                         # optional: real video, another clip's audio
+        c = s['c'] | dict(a=s['c']['a'].roll(1, 0))                                 # is a fake: D has to look at lip sync
+        lm = self.logits([s['x']], c, t, eps)[0]
+        mis = GAN_LOSSES[cfg.loss][0](lr, lm); loss = loss + cfg.d_mismatch * mis
+        logs |= dict(d_mis=mis.detach(), gap_real_mis=(lr - lm).mean().detach())
     return loss, logs
 AdvMethod.d_loss = _adv_d_loss
 

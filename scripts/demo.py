@@ -9,20 +9,21 @@ committed one unless TEACHER=train. REDO=step[,step] (or all) remakes steps what
     python scripts/demo.py [--plan] [--adopt STEP,STEP|all]     (make demo runs it with the project's .venv)
 """
 from __future__ import annotations
-import argparse, ast, json, os, subprocess, sys, time
+import argparse, json, os, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from turbotalk.core import run_status, stamp_run, STAMP  # noqa: E402
+from turbotalk.core import stamp_run, STAMP  # noqa: E402
+from turbotalk.ablate import main_runs, main_params, effective, job_status, run_job, sh as _sh, param_value as _value  # noqa: E402
 
 DATA = os.environ.get('SYNTHTALK', 'data/synthtalk')
 RUNS = os.environ.get('RUNS', 'papermill_runs')
-TEACHER = f'{RUNS}/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'   # the shipped teacher (v1 front end)
-EVAL, DMD1, DMD4 = f'{RUNS}/eval/synthtalk_test32', f'{RUNS}/dmd/synth_dmd1_seed0', f'{RUNS}/dmd/synth_dmd4_seed0'
-ADV = f'{RUNS}/adv/synth_adv_seed0'
-META = f'{DATA}/version.json'   # the data's identity: generator version, seed, sizes (meta.json without timings)
-TW, SW = f'{TEACHER}/weights/teacher_ema.safetensors', f'{DMD4}/weights/student_ema.safetensors'
+M = main_runs(DATA, RUNS); P = main_params(M)   # the run folders and the Stage-1/2 parameters the ablations share (chapter 07)
+TEACHER = M['teacher']   # the shipped teacher (v1 front end)
+EVAL, DMD1, DMD4, ADV = M['eval'], M['dmd1'], M['dmd4'], M['adv']
+META = M['meta']   # the data's identity: generator version, seed, sizes (meta.json without timings)
+TW, SW = M['tw'], M['sw']
 PROBES = 'papermill_runs/eval_probes/st64_seed0/probes/probes.json'
 
 # name, notebook, run folder, parameters (what the run is made from), input files, outputs, torch threads, about (2-core CPU)
@@ -36,43 +37,20 @@ STEPS = [
     ('eval', 'nbs/05_eval.ipynb', EVAL, dict(data=DATA, n_clips=32, out=EVAL, teacher=TEACHER),
      [META, TW, PROBES], ['05_eval.ipynb', 'results.json', 'compare.md'], 1,
      'evaluation v2: the baseline rows every table carries, cached (about 4 min; 25 min without the cache)'),
-    ('dmd1', 'nbs/03_dmd.ipynb', DMD1, dict(out=DMD1, teacher=TEACHER, data=DATA, eval_cache=EVAL, sigmas='1'),
+    ('dmd1', 'nbs/03_dmd.ipynb', DMD1, dict(out=DMD1, **P['dmd1']),
      [META, TW], ['03_dmd.ipynb', 'results.json'], 2, 'Stage 1 baseline: DMD straight to one step (about 20 min)'),
-    ('dmd4', 'nbs/03_dmd.ipynb', DMD4, dict(out=DMD4, teacher=TEACHER, data=DATA, eval_cache=EVAL, others=DMD1),
+    ('dmd4', 'nbs/03_dmd.ipynb', DMD4, dict(out=DMD4, **P['dmd4']),
      [META, TW], ['03_dmd.ipynb', 'results.json', 'weights/student_ema.safetensors'], 2,
      'Stage 1: DMD of the teacher into the 4-step student (about 20 min)'),
-    ('adv', 'nbs/04_adv_distill.ipynb', ADV,
-     dict(out=ADV, steps=1, teacher=TEACHER, student4=DMD4, data=DATA, eval_cache=EVAL, dmd1=DMD1,
-          phase_iters='100,100,100', warm_iters=50),
+    ('adv', 'nbs/04_adv_distill.ipynb', ADV, dict(out=ADV, **P['adv']),
      [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md'], 2,
      'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 45 min)'),
 ]
 RESUMABLE = {'teacher', 'dmd1', 'dmd4', 'adv'}   # notebooks with a `resume` parameter (training jobs)
+# the job machinery (parameters in effect, inputs.json, set-aside checkpoints, the papermill call) is turbotalk.ablate's (chapter 07)
 
 
-def _value(v):
-    "A parameter value as Python sees it: notebook defaults are source text, comma lists are tuples, numbers are floats."
-    if isinstance(v, str):
-        try: v = ast.literal_eval(v)
-        except (ValueError, SyntaxError): pass
-    if isinstance(v, str) and ',' in v:   # '0.9,0.999': the tuple the config holds
-        try: return tuple(float(x) for x in v.split(','))
-        except ValueError: return v
-    if isinstance(v, list): v = tuple(v)
-    if isinstance(v, tuple): return tuple(_value(x) for x in v)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-
-
-def effective(nb, params: dict) -> dict:
-    "The job's parameters in effect: the notebook's defaults (read by papermill) overridden by the step's; `resume` is control, not input."
-    import papermill
-    d = {k: _value(p['default']) for k, p in papermill.inspect_notebook(str(ROOT/nb)).items() if k != 'resume'}
-    return d | {k: _value(v) for k, v in params.items()}
-
-
-def sh(*cmd, env=None):
-    print('$', ' '.join(map(str, cmd)), flush=True)
-    subprocess.run(list(map(str, cmd)), check=True, cwd=ROOT, env=env)
+def sh(*cmd, env=None): _sh(*cmd, env=env, cwd=ROOT)
 
 
 def make_data():
@@ -84,24 +62,6 @@ def make_data():
              config={k: x for k, x in m.get('config', {}).items() if k != 'workers'})   # the same data on any machine
     text = json.dumps(v, indent=1, sort_keys=True) + '\n'
     if not (ROOT/META).exists() or (ROOT/META).read_text() != text: (ROOT/META).write_text(text)   # written only when it changes
-
-
-def set_aside(run: Path):
-    "Checkpoints made from other inputs are moved aside (never deleted): the new job starts fresh."
-    ck = run/'checkpoints'
-    if ck.exists():
-        dst = run/f'checkpoints.stale-{time.strftime("%Y%m%d-%H%M%S")}'
-        ck.rename(dst); print(f'   checkpoints from other inputs kept in {dst}')
-
-
-def papermill(name, nb, run, params, threads):
-    ps = dict(params, **({'resume': True} if name in RESUMABLE else {}))
-    args = ['papermill', '--log-level', 'WARNING', nb, f'{run}/{Path(nb).name}']
-    for k, v in ps.items(): args += ['-p', k, str(v)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', str(threads)), HF_HUB_OFFLINE='1')
-    env.pop('MPLBACKEND', None)   # the kernels keep the inline backend, so executed notebooks keep their figures
-    env['TURBOTALK_CMD'] = ' '.join(args[:1] + args[3:])   # cmd.txt records it
-    sh(*args, env=env)
 
 
 def main(argv=None):
@@ -122,8 +82,7 @@ def main(argv=None):
     if not a.plan: print(f'== SynthTalk benchmark -> {DATA}'); make_data()
     for i, (name, nb, run, params, files, outs, threads, about) in enumerate(STEPS, 1):
         run, eff = Path(run), effective(nb, params)
-        try: status, why = run_status(run, eff, files, outs)
-        except FileNotFoundError as e: status, why = 'new', str(e)   # an upstream step has not made its output yet
+        status, why = job_status(run, eff, files, outs)   # a missing input: an upstream step has not made its output yet
         forced = 'all' in redo or name in redo or (name == 'teacher' and train_teacher)
         if name in adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
             cfg = json.loads((run/'config.json').read_text()).get('config', {}) if (run/'config.json').exists() else {}
@@ -137,10 +96,7 @@ def main(argv=None):
             if not all((run/o).exists() for o in outs):
                 sys.exit(f'the committed teacher is missing from {run}; TEACHER=train make demo trains it (about 60 min)')
             print('   using the committed teacher weights (TEACHER=train make demo retrains it)'); continue
-        if status == 'new' or forced: set_aside(run)
-        stamp_run(run, eff, files, 'running')
-        papermill(name, nb, run, params, threads)
-        stamp_run(run, eff, files, 'done')
+        run_job(nb, run, params, eff, files, fresh=status == 'new' or forced, resume=name in RESUMABLE, threads=threads, cwd=ROOT)
     if a.plan or a.adopt: return
     print(f'== the final table ({ADV}/compare.md): the students of every phase next to the baseline rows')
     print((ROOT/ADV/'compare.md').read_text())

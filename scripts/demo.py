@@ -25,6 +25,8 @@ EVAL, DMD1, DMD4, ADV = M['eval'], M['dmd1'], M['dmd4'], M['adv']
 META = M['meta']   # the data's identity: generator version, seed, sizes (meta.json without timings)
 TW, SW = M['tw'], M['sw']
 PROBES = 'papermill_runs/eval_probes/st64_seed0/probes/probes.json'
+ONE = 'weights/1/student_ema.safetensors'   # the shipped one-step student, in the adv run
+PIPE = f'{RUNS}/pipeline/synth_1step'
 
 # name, notebook, run folder, parameters (what the run is made from), input files, outputs, torch threads, about (2-core CPU)
 STEPS = [
@@ -43,8 +45,11 @@ STEPS = [
      [META, TW], ['03_dmd.ipynb', 'results.json', 'weights/student_ema.safetensors'], 2,
      'Stage 1: DMD of the teacher into the 4-step student (about 20 min)'),
     ('adv', 'nbs/04_adv_distill.ipynb', ADV, dict(out=ADV, **P['adv']),
-     [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md'], 2,
-     'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 45 min)'),
+     [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md', ONE], 2,
+     'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 70 min)'),
+    ('pipeline', 'nbs/06_pipeline.ipynb', PIPE, dict(model=ADV, steps=1, teacher=TEACHER, data=DATA, out=PIPE, threads=2),
+     [META, TW, f'{ADV}/{ONE}', PROBES], ['06_pipeline.ipynb', 'results.json'], 2,
+     'the one-step pipeline: 10 s of speech to an mp4 with sound, its seams, real voices, the teacher timed (about 8 min)'),
 ]
 RESUMABLE = {'teacher', 'dmd1', 'dmd4', 'adv'}   # notebooks with a `resume` parameter (training jobs)
 # the job machinery (parameters in effect, inputs.json, set-aside checkpoints, the papermill call) is turbotalk.ablate's (chapter 07)
@@ -103,6 +108,13 @@ def main(argv=None):
     n = dict((s[0], s[3]) for s in STEPS)['adv']['steps']   # phase n's files are named after its number of steps
     mp4 = sorted((ROOT/ADV/'samples').glob(f'test_phase{n}_*.mp4'))
     if mp4: print(f'a 1-step sample with its sound: {mp4[0].relative_to(ROOT)}')
+    try: r = json.loads((ROOT/PIPE/'results.json').read_text())
+    except (OSError, ValueError): r = {}
+    if isinstance(r, dict) and 'speed' in r:
+        sp = r['speed']; t = sp.get('teacher', {})
+        print(f"the pipeline ({PIPE}): {sp['seconds']:g} s of speech made in {sp['generate_s']:.2f} s by {sp['model']} "
+              f"(RTF {sp['rtf']:.3g})" + (f", {t['generate_s']:.0f} s by the teacher ({sp['speedup']}x)" if t else '')
+              + f"; {PIPE}/samples/long_model.mp4")
     print(f'main job done in {(time.time() - t0) / 60:.1f} min')
 
 

@@ -168,11 +168,11 @@ def test_timestep_options(tiny, mode):
 @pytest.mark.parametrize('kind', list(GAN_LOSSES))
 def test_loss_options_at_zero_heads(tiny, kind):
     """Zero-initialised heads give logit 0 everywhere, so each loss takes its value at 0; lambda_sc = 0 removes the term;
-    the mismatched-audio pair (d_mismatch, on by default) is one more D loss at 0."""
+    the mismatched-audio pair (d_mismatch) is one more D loss at 0."""
     new, b = tiny
     at0 = dict(r3gan=(math.log(2), math.log(2)), hinge=(0., 2.), ns=(math.log(2), 2 * math.log(2)))[kind]
     for lam in (0.5, 0.0):
-        m = new(AdvConfig(loss=kind, lambda_sc=lam)); dm = m.cfg.d_mismatch
+        m = new(AdvConfig(loss=kind, lambda_sc=lam, d_mismatch=0.5)); dm = m.cfg.d_mismatch
         (gl, glogs), (dl, dlogs) = m.g_loss(b, 0), m.d_loss(b, 0)
         assert dm > 0 and gl.item() == pytest.approx(at0[0] + lam * math.log(2), abs=1e-6)
         assert dl.item() == pytest.approx(at0[1] * (1 + dm), abs=1e-6) and float(dlogs['gap_real_mis']) == 0

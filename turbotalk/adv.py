@@ -153,7 +153,7 @@ class AdvConfig(StageConfig):
     lambda_sc: float = 0.5       # self-compare weight (0: off, and no reference samples)
     sc_pairing: str = 'paired'   # reference samples from the student's noise and conditions ('paired') or 'independent' noise
     sc_d: float = 0.0            # weight of the (reference, student) pair in D's loss (0: D sees real and student only)
-    d_mismatch: float = 1.0      # weight of D's (real clip, real clip with another clip's audio) pair: D must check lip sync
+    d_mismatch: float = 0.0      # weight of D's (real clip, real clip with another clip's audio) pair: D must check lip sync
     p_ctx: float = 0.5           # P(an iteration gives the first n_ctx real frames as context)
     n_ctx: int = 2               # context frames
     eval_n_ctx: int = 0          # context frames carried between chunks when sampling (0: independent chunks, as the baselines)

@@ -13,9 +13,9 @@ from .core import TurboTalkError, env_info
 from .metrics import evaluate, copy_reference, default_probes_dir, write_table, DIV_KEYS, NOTE_SEP
 
 # %% auto #0
-__all__ = ['TEACHER_NFE', 'BASELINES', 'EVAL_VERSION', 'HEADLINE', 'QUALITY', 'Sampler', 'sampler_generator', 'data_fingerprint',
-           'files_fingerprint', 'teacher_fingerprint', 'cache_key', 'sampler_row', 'baseline_rows', 'with_diversity',
-           'compare_table', 'ranking_checks']
+__all__ = ['TEACHER_NFE', 'BASELINES', 'EVAL_VERSION', 'DATA_IDENTITY', 'HOW_MADE', 'HEADLINE', 'QUALITY', 'Sampler',
+           'sampler_generator', 'data_fingerprint', 'files_fingerprint', 'teacher_fingerprint', 'cache_key',
+           'sampler_row', 'baseline_rows', 'with_diversity', 'compare_table', 'ranking_checks']
 
 # %% ../nbs/05b_baselines.ipynb #c005
 @dataclass(frozen=True)
@@ -54,13 +54,17 @@ def _sha(*parts) -> str:
     for p in parts: h.update(p if isinstance(p, bytes) else str(p).encode())
     return h.hexdigest()[:16]
 
+DATA_IDENTITY = ('generator_version', 'config', 'counts', 'skipped')   # meta.json fields that say which data was made
+HOW_MADE = ('workers',)                                                # config fields that do not change the data
+
 def data_fingerprint(root, splits=('val', 'test')) -> str:
-    "Hash of a SynthTalk folder's meta.json (without its timing) and the names and sizes of the files of `splits`."
+    "Hash of what a SynthTalk folder holds: its generator version and config (not how it was made: workers, timing) and the bytes of the clips of `splits`."
     root = Path(root); meta = root/'meta.json'
     if not (root/splits[-1]).is_dir(): raise TurboTalkError(f'evaluation data not found: {root/splits[-1]}')
-    m = {k: v for k, v in json.loads(meta.read_text()).items() if k != 'elapsed_s'} if meta.is_file() else {}
+    m = json.loads(meta.read_text()) if meta.is_file() else {}
+    m = {k: ({c: x for c, x in v.items() if c not in HOW_MADE} if k == 'config' else v) for k, v in m.items() if k in DATA_IDENTITY}
     files = sorted(f for s in splits for f in (root/s).iterdir() if f.is_file())
-    return _sha(json.dumps(m, sort_keys=True), *[f'{f.relative_to(root)}:{f.stat().st_size}' for f in files])
+    return _sha(json.dumps(m, sort_keys=True), *[f'{f.relative_to(root)}:{hashlib.sha256(f.read_bytes()).hexdigest()}' for f in files])
 
 def files_fingerprint(*paths) -> str:
     "Hash of the bytes of files (folders: all their files, sorted)."

@@ -491,17 +491,7 @@ def sync_segments(probes, video, audio, seg:float=2.0, fps:float=25, sr:int=1600
 # %% ../nbs/06_pipeline.ipynb #c055
 def voice_eval(pipe:TurboTalkPipeline, refs,  # faces: uint8 (N, H, W, 3), one per utterance
                probes, n_frames:int=48, seed:int=0) -> dict:
-    "02b robustness_eval's measurement for any pipeline: held-out espeak-ng voices under ROBUST_CONDITIONS and the shuffled control."
-    from turbotalk.teacher import ROBUST_CONDITIONS, _condition, _score
-    from turbotalk.tts import tts_items
-    c = pipe.config; n, L = len(refs), round(n_frames * c.sr / c.fps)
-    items = tts_items(n, 'heldout', seconds=n_frames / c.fps, seed=seed); clean = [it['audio'][:L] for it in items]
-    rows, vids = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in ROBUST_CONDITIONS:
-            au = [_condition(k, a, i, Path(tmp))[:L] for i, a in enumerate(clean)]
-            vids[k] = [pipe(r, x, c.sr, seed=seed).frames for r, x in zip(refs, au)]
-            rows[k] = _score(probes, vids[k], clean, refs)
-    rows['shuffled control'] = _score(probes, vids['clean'], clean[1:] + clean[:1], refs)
-    return dict(rows=rows, n_items=n, n_frames=n_frames, voices=sorted({f"{it['voice']}+{it['variant']}" for it in items}),
-                texts=[it['text'] for it in items], model=pipe.label)
+    "02b's `voice_eval_loop` (the teacher's robustness measurement) for any pipeline: held-out espeak-ng voices under ROBUST_CONDITIONS and the shuffled control."
+    from turbotalk.teacher import voice_eval_loop
+    gen = lambda cond, audios: [pipe(r, x, 16000, seed=seed).frames for r, x in zip(refs, audios)]   # the loop's audio is 16 kHz mono
+    return voice_eval_loop(gen, refs, probes, n_frames, seed) | dict(model=pipe.label)

@@ -22,8 +22,8 @@ from .synthtalk import check_synthtalk
 __all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags',
            'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'teacher_features',
            'teacher_aug', 'sample_hook', 'build_teacher', 'train_teacher', 'load_config', 'load_teacher',
-           'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'robustness_eval',
-           'cli_parser', 'main', 'papermill_cmd']
+           'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'voice_eval_loop',
+           'robustness_eval', 'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -396,27 +396,35 @@ def _score(probes, videos, audios, refs) -> dict:
     r = [clip_metrics(probes, v, a, ref) for v, a, ref in zip(videos, audios, refs)]
     return {k: float(np.mean([x[k] for x in r])) for k in ('sync_corr', 'sync_mae', 'sync_c_st', 'csim_st')}
 
-def robustness_eval(run_dir, n:int=12, n_frames:int=48, probes=None, n_show:int=2, seed:int=0) -> dict:
-    "Held-out TTS speech on unseen faces under ROBUST_CONDITIONS (+ shuffled control); results.json['robustness']."
+def voice_eval_loop(gen, # gen(condition, audios) -> videos: audios are 16 kHz mono arrays, one per face
+                    refs, probes, n_frames:int=48, seed:int=0) -> dict:
+    "Held-out TTS voices on `refs` under ROBUST_CONDITIONS, each scored against the clean speech, and the shuffled control."
     import tempfile
     from turbotalk.tts import tts_items
-    from turbotalk.metrics import load_probes
-    model, cfg = load_teacher(run_dir); run, fe = RunDir(run_dir), teacher_features(cfg)
-    P = probes if probes is not None and not isinstance(probes, (str, Path)) else load_probes(probes)
-    items = tts_items(n, 'heldout', seconds=n_frames / 25, seed=seed); L = round(n_frames * 16000 / 25)
-    refs = eval_clips(cfg.data, 'test', n, cfg.size, features=fe)['ref']
+    n, L = len(refs), round(n_frames * 16000 / 25)
+    items = tts_items(n, 'heldout', seconds=n_frames / 25, seed=seed)
     clean = [it['audio'][:L] for it in items]; rows, vids = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for c in ROBUST_CONDITIONS:
-            au = [_condition(c, a, i, Path(tmp))[:L] for i, a in enumerate(clean)]
-            a = torch.stack([fe(x, 16000, 25, n_frames).float() for x in au])
-            vids[c], _ = generate(model, refs, a, cfg.n_frames, 0, cfg.steps, cfg.sample_shift, (cfg.s_ref, cfg.s_audio), seed=seed)
-            rows[c] = _score(P, vids[c], clean, refs)
-            for i in range(min(n_show, n)):
-                write_mp4(run.sub('samples')/f"tts_{c.replace(' ', '_').replace('.', '')}_{i}.mp4", _u8(vids[c][i]), 25, au[i], 16000)
-    rows['shuffled control'] = _score(P, vids['clean'], clean[1:] + clean[:1], refs)
-    rec = dict(rows=rows, n_items=n, n_frames=n_frames, voices=sorted({f"{it['voice']}+{it['variant']}" for it in items}),
-               texts=[it['text'] for it in items], steps=cfg.steps, guidance=[cfg.s_ref, cfg.s_audio])
+            vids[c] = gen(c, [_condition(c, a, i, Path(tmp))[:L] for i, a in enumerate(clean)])
+            rows[c] = _score(probes, vids[c], clean, refs)
+    rows['shuffled control'] = _score(probes, vids['clean'], clean[1:] + clean[:1], refs)
+    return dict(rows=rows, n_items=n, n_frames=n_frames, voices=sorted({f"{it['voice']}+{it['variant']}" for it in items}),
+                texts=[it['text'] for it in items])
+
+def robustness_eval(run_dir, n:int=12, n_frames:int=48, probes=None, n_show:int=2, seed:int=0) -> dict:
+    "The teacher through `voice_eval_loop` on the first n unseen test faces, sample mp4s with each condition's sound; results.json['robustness']."
+    from turbotalk.metrics import load_probes
+    model, cfg = load_teacher(run_dir); run, fe = RunDir(run_dir), teacher_features(cfg)
+    P = probes if probes is not None and not isinstance(probes, (str, Path)) else load_probes(probes)
+    refs = eval_clips(cfg.data, 'test', n, cfg.size, features=fe)['ref']
+    def gen(c, au):
+        a = torch.stack([fe(x, 16000, 25, n_frames).float() for x in au])
+        v, _ = generate(model, refs, a, cfg.n_frames, 0, cfg.steps, cfg.sample_shift, (cfg.s_ref, cfg.s_audio), seed=seed)
+        for i in range(min(n_show, n)):
+            write_mp4(run.sub('samples')/f"tts_{c.replace(' ', '_').replace('.', '')}_{i}.mp4", _u8(v[i]), 25, au[i], 16000)
+        return v
+    rec = voice_eval_loop(gen, refs, P, n_frames, seed) | dict(steps=cfg.steps, guidance=[cfg.s_ref, cfg.s_audio])
     run.update_results(robustness=rec); return rec
 
 # %% ../nbs/02b_teacher.ipynb #c050

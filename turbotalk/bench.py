@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from .core import RunDir
 from .data import LogMelFeatures
-from .model import PRESETS, PixelCodec, TalkingDiT, WanVAECodec, sample, step_sigmas, teacher_sigmas
+from .model import GUIDANCE, PRESETS, PixelCodec, TalkingDiT, WanVAECodec, cfg_velocity, sample, step_sigmas, teacher_sigmas
 
 # %% auto #0
 __all__ = ['COLUMNS', 'CLIPS', 'DTYPES', 'SamplerSpec', 'time_stages', 'PeakMem', 'device_name', 'summarise', 'bench_table',
-           'bench_sampler', 'add_speedups', 'to_markdown', 'to_csv', 'plot_rows', 'TwoPassCFG', 'NFECounter',
-           'sampler_specs', 'random_model', 'n_params', 'pixel_pipeline', 'wan_pipeline', 'wan_rows', 'BenchConfig',
-           'check_config', 'main_caption', 'run_wan', 'run_bench', 'main']
+           'bench_sampler', 'add_speedups', 'to_markdown', 'to_csv', 'plot_rows', 'NFECounter', 'sampler_specs',
+           'random_model', 'n_params', 'pixel_pipeline', 'wan_pipeline', 'wan_rows', 'BenchConfig', 'check_config',
+           'main_caption', 'run_wan', 'run_bench', 'main']
 
 # %% ../nbs/05a_bench.ipynb #c005
 @dataclass
@@ -207,16 +207,6 @@ def plot_rows(rows:list[dict], # rows of one bench_table
     return fig
 
 # %% ../nbs/05a_bench.ipynb #c030
-class TwoPassCFG(torch.nn.Module):
-    "Standard 2-pass CFG around a TalkingDiT: v = v(none) + scale (v(ref, a) - v(none)), as one forward of batch 2B."
-    def __init__(self, model, scale:float=4.0): super().__init__(); self.model, self.scale = model, scale
-    def forward(self, x, t, **cond):
-        B = x.shape[0]; two = lambda v: None if v is None else torch.cat([v.expand(B, *v.shape[1:])] * 2)
-        drop = torch.arange(2 * B, device=x.device) < B                       # first half: everything dropped
-        v0, v1 = self.model(two(x), two(t.reshape(-1).expand(B)), **{k: two(v) for k, v in cond.items()},
-                            drop_ref=drop, drop_a=drop).chunk(2)
-        return v0 + self.scale * (v1 - v0)
-
 class NFECounter(torch.nn.Module):
     "Wrap a network; `.rows` counts the batch rows it has processed (NFE = rows / clip batch size)."
     def __init__(self, model): super().__init__(); self.model, self.rows = model, 0
@@ -232,9 +222,9 @@ def _denoiser(net, shape, sigmas, guidance, mode, device, dtype, seed):
     return f
 
 def _teacher_net(model, passes:int, guidance):
-    "The network and `sample` guidance for 1, 2 or 3 passes per step."
+    "The network and `sample` guidance for 1, 2 or 3 passes per step (2: standard CFG at the audio scale)."
     if passes not in (1, 2, 3): raise ValueError(f'CFG passes must be 1, 2 or 3, got {passes}')
-    return (model, None) if passes == 1 else (TwoPassCFG(model, guidance[1]), None) if passes == 2 else (model, guidance)
+    return model, (None, guidance[1], tuple(guidance))[passes - 1]
 
 # %% ../nbs/05a_bench.ipynb #c033
 def sampler_specs(model, prepare, decode, # network; () -> cond dict; latent -> video
@@ -243,7 +233,7 @@ def sampler_specs(model, prepare, decode, # network; () -> cond dict; latent -> 
                   cfg_passes=(3, 2, 1),   # teacher rows: network passes per step
                   student_steps=(4, 3, 2, 1), # student rows: steps
                   measure_steps:int=0,    # >0: run the teacher at this many steps, report at teacher_steps
-                  guidance=(2.0, 4.0),    # (s_ref, s_audio); 2-pass CFG uses s_audio
+                  guidance=GUIDANCE,      # (s_ref, s_audio); 2-pass CFG uses s_audio
                   device='cpu', dtype=torch.float32, seed:int=0) -> list[SamplerSpec]:
     "Teacher rows (steps x passes, the first one is the baseline) and student rows, all sharing one network."
     if teacher_steps < 1 or any(n < 1 for n in student_steps): raise ValueError('steps must be >= 1')
@@ -461,13 +451,9 @@ def run_bench(c:BenchConfig,    # the run's config
 
 # %% ../nbs/05a_bench.ipynb #c058
 def _parser() -> argparse.ArgumentParser:
-    "Command-line options generated from BenchConfig (same names, '-' for '_')."
-    p = argparse.ArgumentParser(prog='python -m turbotalk.bench', description='TurboTalk speed benchmark: NFE, latency, fps, RTF, memory.')
-    for f in dataclasses.fields(BenchConfig):
-        flag, h = '--' + f.name.replace('_', '-'), f.metadata['help'] + f' (default: {f.default})'
-        if f.type in (bool, 'bool'): p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else: p.add_argument(flag, type=type(f.default), default=f.default, help=h)
-    return p
+    "Command-line options generated from BenchConfig by the stages' `config_parser` (--wan-vae or --wan_vae; `--wan-vae false`)."
+    from turbotalk.stage import config_parser
+    return config_parser(BenchConfig, 'python -m turbotalk.bench', 'TurboTalk speed benchmark: NFE, latency, fps, RTF, memory.')
 
 def main(argv:list[str]|None=None) -> dict:
     "`python -m turbotalk.bench ...`: parse, validate (clear errors, exit code 2), run, print the table."

@@ -12,7 +12,7 @@ import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
-from .model import PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
+from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
@@ -43,7 +43,7 @@ class DMDMethod(Method):
     g_roles, d_roles = ('student',), ('fake',)
     def __init__(self, teacher, student, fake,   # Denoisers: frozen real score, generator, fake score
                  sigmas=(1., .75, .5, .25),       # the generator's step list
-                 guidance=(1.5, 2.0),             # (s_ref, s_audio) of the real score; None: conditional only
+                 guidance=GUIDANCE,                # (s_ref, s_audio) of the real score; None: conditional only
                  shift:float=3.0,                 # shift of the noise levels t of the DMD and fake-score losses
                  t_range=(0.02, 0.98),            # DMD levels: uniform in this range, then shifted
                  fake_loss:str='x0',              # fake score: 'x0' (clean-estimate error, as the teacher) or 'v'

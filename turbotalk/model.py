@@ -16,8 +16,8 @@ from diffusers.models.transformers.transformer_wan import (WanAttention, WanAttn
 from .core import TurboTalkError
 
 # %% auto #0
-__all__ = ['PRESETS', 'shift_sigma', 'add_noise', 'v_target', 'x0_from_v', 'sample_sigma', 'teacher_sigmas', 'step_sigmas',
-           'PixelCodec', 'WanVAECodec', 'cond_channels', 'audio_index', 'video_frames', 'AudioProj',
+__all__ = ['PRESETS', 'GUIDANCE', 'shift_sigma', 'add_noise', 'v_target', 'x0_from_v', 'sample_sigma', 'teacher_sigmas',
+           'step_sigmas', 'PixelCodec', 'WanVAECodec', 'cond_channels', 'audio_index', 'video_frames', 'AudioProj',
            'FrameAudioAttention', 'TalkingDiT', 'cfg_velocity', 'sample']
 
 # %% ../nbs/02_model.ipynb #c005
@@ -302,21 +302,26 @@ def _rep(v, B:int, n:int):
     "Repeat a batch-B (or batch-1) tensor n times along the batch; None stays None."
     return None if v is None else torch.cat([v.expand(B, *v.shape[1:])] * n)
 
+GUIDANCE = (1.5, 2.0)   # (s_ref, s_audio): the one default of the teacher, its samplers, DMD's real score, the bench and the pipeline
+
 def cfg_velocity(model, x, s, cond=None,  # cond: dict(ref=, a=, ctx=, txt=) as the model takes them
-                 guidance=None,           # None: one conditional pass; (s_ref, s_audio): 3-way CFG
-                 batched:bool=True):      # run the 3 branches as one forward of batch 3B
-    "Velocity with optional 3-way CFG (InfiniteTalk style); returns (v, nfe)."
+                 guidance=None,           # None: one conditional pass; (s_ref, s_audio): 3-way CFG; a number s: 2-pass CFG
+                 batched:bool=True):      # run the branches as one forward of batch 3B (2B)
+    "Velocity with optional 3-way CFG (InfiniteTalk style) or standard 2-pass CFG; returns (v, nfe)."
     cond, B = dict(cond or {}), x.shape[0]
     t = torch.as_tensor(s, dtype=torch.float32, device=x.device).reshape(-1).expand(B)
     if guidance is None: return model(x, t, **cond), 1
     no, yes = torch.zeros(B, dtype=torch.bool, device=x.device), torch.ones(B, dtype=torch.bool, device=x.device)
-    drops = [(yes, yes), (no, yes), (no, no)]            # (drop_ref, drop_a): none, ref, ref + audio
+    two = isinstance(guidance, (int, float))
+    drops = [(yes, yes), (no, no)] if two else [(yes, yes), (no, yes), (no, no)]   # (drop_ref, drop_a): none, [ref,] ref + audio
+    n = len(drops)
     if batched:
-        c3 = {k: _rep(v, B, 3) for k, v in cond.items()}
-        v0, vr, vra = model(_rep(x, B, 3), t.repeat(3), **c3, drop_ref=torch.cat([d[0] for d in drops]),
-                            drop_a=torch.cat([d[1] for d in drops])).chunk(3)
-    else: v0, vr, vra = [model(x, t, **cond, drop_ref=dr, drop_a=da) for dr, da in drops]
-    s_ref, s_a = guidance
+        cn = {k: _rep(v, B, n) for k, v in cond.items()}
+        vs = model(_rep(x, B, n), t.repeat(n), **cn, drop_ref=torch.cat([d[0] for d in drops]),
+                   drop_a=torch.cat([d[1] for d in drops])).chunk(n)
+    else: vs = [model(x, t, **cond, drop_ref=dr, drop_a=da) for dr, da in drops]
+    if two: return vs[0] + guidance * (vs[1] - vs[0]), 2
+    (v0, vr, vra), (s_ref, s_a) = vs, guidance
     return v0 + s_ref * (vr - v0) + s_a * (vra - vr), 3
 
 # %% ../nbs/02_model.ipynb #c056
@@ -330,7 +335,7 @@ def _step(x, v, s, s_next, mode, generator):
 
 # %% ../nbs/02_model.ipynb #c057
 def sample(model, noise, cond=None, sigmas=None, # levels s_0 > s_1 > ... (terminal 0 implied); default: the teacher's 40
-           guidance=None,       # None, or (s_ref, s_audio) for 3-way CFG
+           guidance=None,       # None, (s_ref, s_audio) for 3-way CFG, or a number for 2-pass CFG
            mode:str='euler',    # 'euler' (teacher ODE) or 'x0' (student: predict x0, re-noise)
            grad:str='none',     # 'none', 'last' (gradient through the final evaluation only) or 'all'
            generator=None):     # torch.Generator for the fresh noise of 'x0' steps

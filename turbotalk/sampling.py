@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np, torch
 from .core import RunDir, TurboTalkError
-from .model import PixelCodec, teacher_sigmas, sample
+from .model import GUIDANCE, PixelCodec, teacher_sigmas, sample
 from .data import LogMelFeatures, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
 
@@ -43,7 +43,7 @@ def generate(model,                # Denoiser (or any model with TalkingDiT's ca
              n_ctx:int=0,          # context frames carried between chunks (0: independent chunks)
              steps:int=40,         # Euler steps of the teacher schedule (when sigmas is None)
              shift:float=5.0,      # its timestep shift
-             guidance=(2.0, 3.0),  # (s_ref, s_audio); None = conditional only
+             guidance=GUIDANCE,    # (s_ref, s_audio); None = conditional only
              codec=None,           # PixelCodec(2) by default
              seed:int=0,
              sigmas=None,          # a step list (see step_list) instead of the teacher schedule

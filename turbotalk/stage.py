@@ -514,8 +514,11 @@ def read_config(cls, run_dir, kind:str='', defaults:dict|None=None):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 def config_parser(cls, prog:str, description:str=''):
-    "argparse.ArgumentParser with one --option per field of the dataclass `cls` (its default and type)."
+    "The one way a command line is made from a config dataclass: --field (also --field-with-dashes) per field, its default, type and metadata help; a bool alone means true."
     import argparse
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    for f in fields(cls): p.add_argument(f'--{f.name}', type=_arg_type(getattr(cls(), f.name)), default=getattr(cls(), f.name))
+    p, d = argparse.ArgumentParser(prog=prog, description=description), cls()
+    for f in fields(cls):
+        v = getattr(d, f.name); h = (f.metadata.get('help', '') + f' (default: {v})').strip().replace('%', '%%')
+        kw = dict(type=_arg_type(v), default=v, dest=f.name, help=h) | (dict(nargs='?', const=True, metavar='true|false') if isinstance(v, bool) else {})
+        p.add_argument(*dict.fromkeys([f"--{f.name.replace('_', '-')}", f'--{f.name}']), **kw)
     return p

@@ -11,7 +11,7 @@ import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
-from .model import (PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
+from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
@@ -194,8 +194,8 @@ class TeacherConfig(StageConfig):
     warmup: int = 100            # linear lr warm-up steps (EMA decay warms up too)
     steps: int = 40              # Euler steps of the teacher sampler
     sample_shift: float = 5.0    # timestep shift of the sampling schedule
-    s_ref: float = 1.5           # reference guidance scale
-    s_audio: float = 2.0         # audio guidance scale
+    s_ref: float = GUIDANCE[0]   # reference guidance scale (model.GUIDANCE)
+    s_audio: float = GUIDANCE[1] # audio guidance scale
     sample_every: int = 600      # write sample mp4s + grid every n steps (0: only at the end)
     n_show: int = 2              # val clips in the training samples
     show_steps: int = 20         # Euler steps for the training samples

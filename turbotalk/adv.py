@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, sample
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state, read_config
@@ -169,7 +170,8 @@ class AdvConfig(StageConfig):
 _CHOICES = dict(timesteps=TIMESTEPS, loss=tuple(GAN_LOSSES), phase_init=('ema', 'raw'), d_backbone=('full', 'frozen'),
                 sc_pairing=('paired', 'independent'))
 
-def _check_adv_cfg(self:AdvConfig):
+@patch
+def __post_init__(self:AdvConfig):
     super(AdvConfig, self).__post_init__()
     for f in fields(self):   # papermill's -p passes 1 or 3 as numbers: text fields stay text
         if isinstance(f.default, str) and not isinstance(getattr(self, f.name), str): setattr(self, f.name, str(getattr(self, f.name)))
@@ -184,7 +186,6 @@ def _check_adv_cfg(self:AdvConfig):
     if not 0 <= self.d_t_min < self.d_t_max <= 1: raise TurboTalkError(f'need 0 <= d_t_min < d_t_max <= 1, got {self.d_t_min}, {self.d_t_max}')
     if min(self.r1, self.r2, self.pen_sigma, self.lambda_sc, self.sc_d, self.d_mismatch, self.warm_iters, self.n_ctx, self.eval_n_ctx) < 0 or not 0 <= self.p_ctx <= 1:
         raise TurboTalkError('r1, r2, pen_sigma, lambda_sc, sc_d, d_mismatch, warm_iters, n_ctx and eval_n_ctx must be >= 0, p_ctx in [0, 1]')
-AdvConfig.__post_init__ = _check_adv_cfg
 
 # %% ../nbs/04_adv_distill.ipynb #c025
 class AdvMethod(Method):
@@ -207,24 +208,28 @@ class AdvMethod(Method):
         self.show, self._cache = {}, None
 
 # %% ../nbs/04_adv_distill.ipynb #c026
-def _plan(self:AdvMethod, step:int) -> tuple[list, bool]:
+@patch
+def plan(self:AdvMethod, step:int) -> tuple[list, bool]:
     "This iteration's step list and whether it gives context frames (the same on every process and after a resume)."
     g = shared_rng(self.cfg.seed, self.n, step)
     ctx = bool(torch.rand(1, generator=g) < self.cfg.p_ctx)
     return iteration_sigmas(self.sigmas, self.old, step, g, self.cfg.timesteps, self.cfg.warm_iters), ctx
 
-def _cond(self:AdvMethod, batch:dict, x:torch.Tensor, ctx:bool) -> dict:
+@patch
+def cond(self:AdvMethod, batch:dict, x:torch.Tensor, ctx:bool) -> dict:
     "Conditions of generator, reference and D: reference latent, audio windows, (the first n_ctx real latent frames)."
     c = dict(ref=self.codec.encode(batch['ref'][:, None]), a=batch['a'])
     return c | dict(ctx=x[:, :, :self.cfg.n_ctx]) if ctx else c
 
-def _rollout(self:AdvMethod, model, cond:dict, noise, sigmas:list, g, grad:bool=False) -> torch.Tensor:
+@patch
+def rollout(self:AdvMethod, model, cond:dict, noise, sigmas:list, g, grad:bool=False) -> torch.Tensor:
     "An x0-step sample along `sigmas` from `noise` (gradient through the last evaluation only); context frames copied in."
     x, _ = sample(model, noise, cond, sigmas, mode='x0', grad='last' if grad else 'none', generator=g)
     ctx = cond.get('ctx')
     return x if ctx is None else torch.cat([ctx, x[:, :, ctx.shape[2]:]], 2)
 
-def _samples(self:AdvMethod, batch:dict, step:int, grad:bool=False) -> dict:
+@patch
+def samples(self:AdvMethod, batch:dict, step:int, grad:bool=False) -> dict:
     "Real latent x, the student's sample xn and the reference's x4 of an iteration, with their conditions and step list."
     x = self.codec.encode(batch['x']); sig, ctx = self.plan(step); c = self.cond(batch, x, ctx)
     rng = lambda tag: keyed_rng(self.cfg.seed, self.n, step, tag)
@@ -236,23 +241,24 @@ def _samples(self:AdvMethod, batch:dict, step:int, grad:bool=False) -> dict:
     return dict(x=x, xn=xn, x4=x4, c=c, sig=sig, ctx=ctx)
 
 # %% ../nbs/04_adv_distill.ipynb #c027
-def _d_noise(self:AdvMethod, x:torch.Tensor, step:int) -> tuple:
+@patch
+def d_noise(self:AdvMethod, x:torch.Tensor, step:int) -> tuple:
     "D's re-noising at an iteration: levels t (B,), uniform in [d_t_min, d_t_max] then shifted, and noise eps (shared by all D inputs)."
     g, lo, hi = keyed_rng(self.cfg.seed, self.n, step, 'd'), self.cfg.d_t_min, self.cfg.d_t_max
     t = shift_sigma(lo + (hi - lo) * torch.rand(len(x), generator=g), self.shift).to(x.device)
     return t, torch.randn(x.shape, generator=g).to(x)
 
-def _logits(self:AdvMethod, xs:list, cond:dict, t, eps) -> list:
+@patch
+def logits(self:AdvMethod, xs:list, cond:dict, t, eps) -> list:
     "D of several latent batches in one backbone pass (same conditions, levels and noise): a list of (B,) logits."
     k = len(xs); c = {n: torch.cat([v] * k) for n, v in cond.items()}
     return list(disc_logits(self.disc, self.heads, self.blocks, torch.cat(xs), t.repeat(k), eps.repeat(k, 1, 1, 1, 1), c).chunk(k))
-AdvMethod.plan, AdvMethod.cond, AdvMethod.rollout, AdvMethod.samples = _plan, _cond, _rollout, _samples
-AdvMethod.d_noise, AdvMethod.logits = _d_noise, _logits
 
 # %% ../nbs/04_adv_distill.ipynb #c030
 def _motion(x:torch.Tensor) -> torch.Tensor: return x.float().std(2).mean()   # spread over frames of (B, C, T, h, w)
 
-def _adv_g_loss(self:AdvMethod, batch:dict, step:int):
+@patch
+def g_loss(self:AdvMethod, batch:dict, step:int):
     cfg, s = self.cfg, self.samples(batch, step, grad=True)
     t, eps = self.d_noise(s['x'], step)
     lf = self.logits([s['xn']], s['c'], t, eps)[0]                                  # D(x_N): the gradient to the student
@@ -267,10 +273,10 @@ def _adv_g_loss(self:AdvMethod, batch:dict, step:int):
     self._cache = (step, {**s, 'xn': s['xn'].detach()})
     self.show = dict(step=step, sig=s['sig'], **{k: s[k][:4].detach().cpu() for k in ('x', 'xn', 'x4') if s[k] is not None})
     return loss, logs
-AdvMethod.g_loss = _adv_g_loss
 
 # %% ../nbs/04_adv_distill.ipynb #c032
-def _adv_d_loss(self:AdvMethod, batch:dict, step:int):
+@patch
+def d_loss(self:AdvMethod, batch:dict, step:int):
     cfg = self.cfg
     if self._cache is not None and self._cache[0] == step: s = self._cache[1]    # the student's turn: its samples
     else:
@@ -297,7 +303,6 @@ def _adv_d_loss(self:AdvMethod, batch:dict, step:int):
         mis = GAN_LOSSES[cfg.loss][0](lr, lm); loss = loss + cfg.d_mismatch * mis
         logs |= dict(d_mis=mis.detach(), gap_real_mis=(lr - lm).mean().detach())
     return loss, logs
-AdvMethod.d_loss = _adv_d_loss
 
 # %% ../nbs/04_adv_distill.ipynb #c036
 def need_student(path) -> Path:

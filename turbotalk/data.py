@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .core import MediaError, WeightsError
 from .media import read_video, load_audio, load_image
 
@@ -142,8 +143,9 @@ class Wav2Vec2Features(AudioFeatures):
     def __repr__(self): return f'Wav2Vec2Features({self.model_dir!r}, ctx={self.ctx}, layers={self.layers!r})'
 
 # %% ../nbs/01_data.ipynb #c019
+@patch
 @torch.no_grad()
-def _w2v_feats(self, audio, sr, fps, n_frames):
+def feats(self:Wav2Vec2Features, audio, sr, fps, n_frames):
     "Hidden states of every layer at the video frame rate, (n, L, D) float32 on CPU, n = round(N fps / sr)."
     want = self.fe.sampling_rate if self.fe is not None else 16000
     if sr != want: raise ValueError(f'wav2vec2 needs {want} Hz audio, got {sr} Hz')
@@ -159,7 +161,6 @@ def _w2v_feats(self, audio, sr, fps, n_frames):
     a = torch.stack(hs[1:], 2)[0].float().cpu()  # drop the embedding output; (n, L, D)
     a = a.mean(1) if self.layers == 'mean' else a[:, -1] if self.layers == 'last' else a
     return a, float(fps)
-Wav2Vec2Features.feats = _w2v_feats
 
 # %% ../nbs/01_data.ipynb #c023
 def square_resize(frames,       # uint8 (N,H,W,3)
@@ -354,6 +355,7 @@ class TalkingHeadDataset(torch.utils.data.Dataset):
         self._report()
 
 # %% ../nbs/01_data.ipynb #c049
+@patch
 def _add(self:TalkingHeadDataset, p:Path):
     "Load one video (and its features); on any failure record (path, reason) in `skipped` and carry on."
     try:
@@ -365,6 +367,7 @@ def _add(self:TalkingHeadDataset, p:Path):
     self.items.append((p, c.n))
     if self.cache: self._mem[p] = (c, a)
 
+@patch
 def _load(self:TalkingHeadDataset, p:Path):
     "The clip and its per-step features (from memory, disk cache, or decoding)."
     if p in self._mem: return self._mem[p]
@@ -375,9 +378,9 @@ def _load(self:TalkingHeadDataset, p:Path):
     pool = [self.features.feats(self.audio_aug(c.audio, np.random.default_rng([self.seed, k0, k])), c.sr, c.fps, c.n)
             for k in range(self.aug_pool)]
     return c, [f, *pool]
-TalkingHeadDataset._add, TalkingHeadDataset._load = _add, _load
 
 # %% ../nbs/01_data.ipynb #c050
+@patch
 def _report(self:TalkingHeadDataset):
     "Warn once, after building, how many videos were skipped and why (first five); fail if none is usable."
     n = len(self.items) + len(self.skipped)
@@ -386,15 +389,17 @@ def _report(self:TalkingHeadDataset):
         warnings.warn(f'{len(self.skipped)} of {n} videos under {self.dir} skipped (see .skipped):\n{why}', stacklevel=3)
     if not self.items: raise MediaError(f'no usable videos under {self.dir} ({n} found, {len(self.skipped)} skipped)')
 
-def _set_epoch(self:TalkingHeadDataset, epoch:int):
+@patch
+def set_epoch(self:TalkingHeadDataset, epoch:int):
     "Samples depend on (seed, epoch, index): call once per epoch for new windows."
     self.epoch = epoch
 
-TalkingHeadDataset._report, TalkingHeadDataset.set_epoch = _report, _set_epoch
-TalkingHeadDataset.__len__ = lambda self: len(self.items)
+@patch
+def __len__(self:TalkingHeadDataset): return len(self.items)
 
 # %% ../nbs/01_data.ipynb #c051
-def _getitem(self:TalkingHeadDataset, i:int) -> dict:
+@patch
+def __getitem__(self:TalkingHeadDataset, i:int) -> dict:
     "One sample: window x (T,3,H,W), ref (3,H,W), features a (T,W,...), audio snippet, ground truth."
     p, n = self.items[i]
     c, fs = self._load(p)
@@ -409,6 +414,6 @@ def _getitem(self:TalkingHeadDataset, i:int) -> dict:
                audio=audio, start=s, ref_idx=r, fps=c.fps, path=str(p))
     if c.gt: out['gt'] = {k: v[s:s + self.T] for k, v in c.gt.items()}
     return out
-TalkingHeadDataset.__getitem__ = _getitem
-TalkingHeadDataset.__repr__ = lambda self: (f'TalkingHeadDataset({str(self.dir)!r}, {len(self)} clips, T={self.T}, '
+@patch
+def __repr__(self:TalkingHeadDataset): return (f'TalkingHeadDataset({str(self.dir)!r}, {len(self)} clips, T={self.T}, '
                                             f'size={self.size}, {self.features!r}, {len(self.skipped)} skipped)')

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
@@ -77,11 +78,13 @@ class DMDMethod(Method):
 # %% ../nbs/03_dmd.ipynb #c011
 def _motion(x:torch.Tensor) -> torch.Tensor: return x.float().std(2).mean()   # spread over frames of (B, C, T, h, w)
 
+@patch
 def _levels(self:DMDMethod, n:int, g, dev, lo=0., hi=1.) -> torch.Tensor:
     "n noise levels: uniform in [lo, hi], shifted."
     return shift_sigma(lo + (hi - lo) * torch.rand(n, generator=g), self.shift).to(dev)
 
-def _dmd_g_loss(self:DMDMethod, batch:dict, step:int):
+@patch
+def g_loss(self:DMDMethod, batch:dict, step:int):
     x = self.codec.encode(batch['x']); c = self.cond(batch); B = x.shape[0]
     k, g = pick_step(len(self.sigmas), step, self.seed), keyed_rng(self.seed, step, 'g')
     xh = self.rollout(c, x.shape, k, g, grad=True)
@@ -102,10 +105,10 @@ def _dmd_g_loss(self:DMDMethod, batch:dict, step:int):
     self._cache = (step, xh.detach(), c)
     self.show = dict(step=step, k=k, t=t[:4].cpu(), xhat=xh[:4].detach().cpu(), x0_real=x0r[:4].cpu(), x0_fake=x0f[:4].cpu())
     return loss, logs
-DMDMethod._levels, DMDMethod.g_loss = _levels, _dmd_g_loss
 
 # %% ../nbs/03_dmd.ipynb #c013
-def _dmd_d_loss(self:DMDMethod, batch:dict, step:int):
+@patch
+def d_loss(self:DMDMethod, batch:dict, step:int):
     g = keyed_rng(self.seed, step, 'd')
     if self._cache is not None and self._cache[0] == step: _, xh, c = self._cache
     else:
@@ -125,7 +128,6 @@ def _dmd_d_loss(self:DMDMethod, batch:dict, step:int):
         adv = (F.softplus(lf) + F.softplus(-lr)).mean()
         loss, logs['gan_d'] = loss + self.gan_weight * adv, adv.detach()
     return loss, logs
-DMDMethod.d_loss = _dmd_d_loss
 
 # %% ../nbs/03_dmd.ipynb #c016
 SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
@@ -165,7 +167,8 @@ class DMDConfig(StageConfig):
     speed_clips: int = 2         # clips timed for the speed-up (teacher and student in one process)
     eval_cache: str = 'papermill_runs/eval/synthtalk_test32' # evaluation run whose cached baseline rows the table uses
 
-def _check_dmd_cfg(self:DMDConfig):
+@patch
+def __post_init__(self:DMDConfig):
     super(DMDConfig, self).__post_init__()
     if not isinstance(self.sigmas, str): self.sigmas = ','.join(str(float(s)) for s in (self.sigmas if isinstance(self.sigmas, (list, tuple)) else [self.sigmas]))
     step_list(self.sigmas)
@@ -173,7 +176,6 @@ def _check_dmd_cfg(self:DMDConfig):
     if self.fake_loss not in ('', 'x0', 'v'): raise TurboTalkError(f"fake_loss must be 'x0', 'v' or empty, got {self.fake_loss!r}")
     if self.gan_weight < 0 or self.warm_pairs < 0: raise TurboTalkError('gan_weight and warm_pairs must be >= 0')
     if self.warm_pairs and self.warm_pairs < self.bs: raise TurboTalkError(f'warm_pairs ({self.warm_pairs}) must be at least bs ({self.bs})')
-DMDConfig.__post_init__ = _check_dmd_cfg
 
 # %% ../nbs/03_dmd.ipynb #c019
 def need_teacher(path) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from .core import TurboTalkError, MediaError, WeightsError, seed_everything, save_weights, load_weights
 
 # %% auto #0
@@ -587,14 +588,16 @@ def _windows(v:torch.Tensor, n:int) -> torch.Tensor:
     "Non-overlapping windows (k,n,3,H,W) of a video (T,3,H,W); the whole video when T < n."
     return v[None] if len(v) < n else v[:len(v) // n * n].view(-1, n, *v.shape[1:])
 
+@patch
 @torch.no_grad()
-def _dm_update(self:DistMetrics, video, real:bool):
+def update(self:DistMetrics, video, real:bool):
     "Add one video (any `as_video` format) to the real or generated side."
     v = as_video(video).to(self.dev)
     for m in self.frame.values(): m.update(v, real=real)
     for m in self.clip.values(): m.update(_windows(v, self.clip_len), real=real)
 
-def _dm_compute(self:DistMetrics, seed:int=0) -> dict:
+@patch
+def compute(self:DistMetrics, seed:int=0) -> dict:
     "All distances as floats (KID: mean over subsets), None for the unavailable ones (reasons in .notes)."
     torch.manual_seed(seed); out, n = {}, lambda fs: sum(len(f) for f in fs)
     for k, m in {**self.frame, **self.clip}.items():
@@ -604,10 +607,10 @@ def _dm_compute(self:DistMetrics, seed:int=0) -> dict:
         except (RuntimeError, ValueError) as e: self.notes[k] = f'{k} not computed: {e}'
     return {k: out.get(k) for k in DIST_KEYS}
 
-def _dm_reset(self:DistMetrics):
+@patch
+def reset(self:DistMetrics):
     "Forget the generated side; the real side is kept (compare many generators against one reference set)."
     for m in (*self.frame.values(), *self.clip.values()): m.reset()
-DistMetrics.update, DistMetrics.compute, DistMetrics.reset = _dm_update, _dm_compute, _dm_reset
 
 # %% ../nbs/05_eval.ipynb #c062
 @torch.no_grad()

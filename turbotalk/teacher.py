@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
@@ -44,6 +45,7 @@ class Denoiser(nn.Module):
     def config(self): return self.net.config
 
 # %% ../nbs/02b_teacher.ipynb #c006
+@patch
 def _to_v(self:Denoiser, xt, t, out):
     "The velocity from the network output: itself (pred='v') or (xt - x0) / max(s, s_min)."
     if self.pred == 'v': return out
@@ -56,14 +58,14 @@ def _ref_all(ref, ctx, drop_ref, T:int):
     n = 0 if ctx is None else ctx.shape[2]
     return torch.cat(([] if ctx is None else [ctx]) + [r.expand(-1, -1, T - n, -1, -1)], 2)
 
-def _denoiser_forward(self:Denoiser, xt, t, ref=None, a=None, ctx=None, drop_ref=None, **kw):
+@patch
+def forward(self:Denoiser, xt, t, ref=None, a=None, ctx=None, drop_ref=None, **kw):
     "Velocity (B, C, T', H, W) (and features, as TalkingDiT); `a` (B, T, W, D_a) raw features, standardised here."
     if a is not None: a = (a - self.a_mean) / self.a_std
     if self.ref_frames == 'all' and ref is not None: ctx, ref, drop_ref = _ref_all(ref, ctx, drop_ref, xt.shape[2]), None, None
     out = self.net(xt, t, ref=ref, a=a, ctx=ctx, drop_ref=drop_ref, **kw)
     if kw.get('features_only'): return out
     return (self._to_v(xt, t, out[0]), out[1]) if isinstance(out, tuple) else self._to_v(xt, t, out)
-Denoiser._to_v, Denoiser.forward = _to_v, _denoiser_forward
 
 # %% ../nbs/02b_teacher.ipynb #c007
 def audio_stats(ds, # a dataset whose items have `a` (T, W, D_a)
@@ -127,16 +129,17 @@ def box_mask(boxes:torch.Tensor, # (B, T, 4) pixel boxes (x0, y0, x1, y1), x1/y1
     my, mx = (c(h) >= y0) & (c(h) < y1), (c(w) >= x0) & (c(w) < x1)      # (B, T, h), (B, T, w)
     return (my[..., :, None] & mx[..., None, :]).float()[:, None]
 
-def _loss_weights(self:TeacherMethod, batch:dict, x0:torch.Tensor) -> torch.Tensor:
+@patch
+def loss_weights(self:TeacherMethod, batch:dict, x0:torch.Tensor) -> torch.Tensor:
     "Per-cell loss weights (B, 1, T, h, w): 1, plus mouth_weight inside the mouth boxes when there are any."
     w = x0.new_ones(x0.shape[0], 1, *x0.shape[2:])
     if self.mouth_weight <= 0: return w
     if 'mouth_box' not in batch.get('gt', {}): raise TurboTalkError("mouth_weight > 0 needs batch['gt']['mouth_box']")
     return w + self.mouth_weight * box_mask(batch['gt']['mouth_box'].to(x0.device), *x0.shape[-2:], self.codec.f)
-TeacherMethod.loss_weights = _loss_weights
 
 # %% ../nbs/02b_teacher.ipynb #c020
-def _teacher_g_loss(self:TeacherMethod, batch:dict, step:int):
+@patch
+def g_loss(self:TeacherMethod, batch:dict, step:int):
     "Flow-matching loss of one batch: (loss, logs); loss_hi / loss_lo: samples with s > 0.5 / s <= 0.5 (0 if none)."
     x0, ref = self.latents(batch)
     s, u, eps = draw(sample_keys(batch, step, self.seed), x0.shape[1:], self.shift, self.dist)
@@ -152,7 +155,6 @@ def _teacher_g_loss(self:TeacherMethod, batch:dict, step:int):
     hi = s > 0.5
     logs = dict(loss_hi=err[hi].sum() / hi.sum().clamp_min(1), loss_lo=err[~hi].sum() / (~hi).sum().clamp_min(1))
     return err.mean(), logs
-TeacherMethod.g_loss = _teacher_g_loss
 
 # %% ../nbs/02b_teacher.ipynb #c024
 @dataclass
@@ -203,7 +205,8 @@ class TeacherConfig(StageConfig):
     eval_seconds: float = 2.0    # length of each evaluated clip
 
 # %% ../nbs/02b_teacher.ipynb #c025
-def _check_teacher_cfg(self:TeacherConfig):
+@patch
+def __post_init__(self:TeacherConfig):
     super(TeacherConfig, self).__post_init__()
     if self.preset not in PRESETS: raise TurboTalkError(f'unknown preset {self.preset!r}; choose from {list(PRESETS)}')
     if self.sigma_dist not in ('uniform', 'logit_normal'): raise TurboTalkError(f"sigma_dist must be 'uniform' or 'logit_normal', got {self.sigma_dist!r}")
@@ -216,7 +219,6 @@ def _check_teacher_cfg(self:TeacherConfig):
     if not (self.aug_gain_db <= 0 and 0 <= self.aug_noise_p <= 1 and self.aug_snr_min <= self.aug_snr_max):
         raise TurboTalkError(f'audio augmentation needs aug_gain_db <= 0, 0 <= aug_noise_p <= 1, aug_snr_min <= aug_snr_max')
     if self.ref_frames not in ('first', 'all'): raise TurboTalkError(f"ref_frames must be 'first' or 'all', got {self.ref_frames!r}")
-TeacherConfig.__post_init__ = _check_teacher_cfg
 
 # %% ../nbs/02b_teacher.ipynb #c028
 class Warmup(Callback):

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest, torch
 import turbotalk.baselines as B
 from turbotalk.synthtalk import write_synthtalk
+from turbotalk.core import SHIPPED_TEACHER
 
-TEACHER = Path(__file__).resolve().parent.parent/'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
+TEACHER = Path(__file__).resolve().parent.parent/SHIPPED_TEACHER
 SMALL = dict(n_clips=3, n_frames=16, bs=3, div_seeds=2, div_clips=2, div_frames=8)
 
 

@@ -8,7 +8,7 @@ import numpy as np, pytest, torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
-from turbotalk.core import load_weights
+from turbotalk.core import load_weights, SHIPPED_TEACHER
 from turbotalk.teacher import TeacherConfig, generate, load_teacher
 from turbotalk.stage import complete_ckpts
 
@@ -199,7 +199,7 @@ def test_new_run_replaces_an_earlier_record_but_never_checkpoints(synth, tmp_pat
 
 
 # ---------------------------------------------------------------- the shipped teacher
-SHIPPED = ROOT/'papermill_runs'/'teacher'/'synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
+SHIPPED = ROOT/SHIPPED_TEACHER
 
 def test_shipped_teacher_loads_and_follows_the_audio(tmp_path):
     "The committed EMA teacher loads into today's code (with the front end it was trained with) and, at 10 steps, lip-syncs unseen speech."

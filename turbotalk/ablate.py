@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, ast, csv, functools, json, math, os, re, statistics, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import env_info, repo_root, run_status, stamp_run
+from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
 
 # %% auto #0
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
@@ -94,7 +94,7 @@ def run_job(nb, run, params:dict, eff:dict, files=(), fresh:bool=True, resume:bo
 # %% ../nbs/07_ablate.ipynb #c018
 def main_runs(data:str='data/synthtalk', runs:str='papermill_runs') -> dict:
     "The main job's run folders and input files (scripts/demo.py makes them): every ablation builds on them."
-    t = f'{runs}/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'   # the shipped teacher (v1 front end)
+    t = f'{runs}/teacher/{Path(SHIPPED_TEACHER).name}'   # the shipped teacher (02b)
     m = dict(data=data, teacher=t, eval=f'{runs}/eval/synthtalk_test32', dmd1=f'{runs}/dmd/synth_dmd1_seed0',
              dmd4=f'{runs}/dmd/synth_dmd4_seed0', adv=f'{runs}/adv/synth_adv_seed0', meta=f'{data}/version.json')
     return m | dict(tw=f'{t}/weights/teacher_ema.safetensors', sw=f'{m["dmd4"]}/weights/student_ema.safetensors')

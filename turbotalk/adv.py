@@ -20,14 +20,15 @@ from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
 from .synthtalk import check_synthtalk
+from .teacher import SHIPPED_TEACHER
 
 # %% auto #0
-__all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_TEACHER', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'keyed_rng',
-           'shared_rng', 'phase_sigmas', 'schedules', 'iteration_sigmas', 'DiscHead', 'head_blocks', 'disc_logits',
-           'r3gan_d', 'r3gan_g', 'hinge_d', 'hinge_g', 'ns_d', 'ns_g', 'self_compare', 'fd_penalty', 'AdvConfig',
-           'AdvMethod', 'need_student', 'load_upstream', 'adv_dataset', 'build_phase', 'plot_phase', 'ShowAdv',
-           'phase_hook', 'phase_plan', 'train_adv', 'load_adv_config', 'finished_phases', 'load_phase', 'phase_name',
-           'evaluate_phase', 'adv_checks', 'adv_table', 'speed_compare', 'main', 'papermill_cmd']
+__all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'keyed_rng', 'shared_rng', 'phase_sigmas',
+           'schedules', 'iteration_sigmas', 'DiscHead', 'head_blocks', 'disc_logits', 'r3gan_d', 'r3gan_g', 'hinge_d',
+           'hinge_g', 'ns_d', 'ns_g', 'self_compare', 'fd_penalty', 'AdvConfig', 'AdvMethod', 'need_student',
+           'load_upstream', 'adv_dataset', 'build_phase', 'plot_phase', 'ShowAdv', 'phase_hook', 'phase_plan',
+           'train_adv', 'load_adv_config', 'finished_phases', 'load_phase', 'phase_name', 'evaluate_phase',
+           'adv_checks', 'adv_table', 'speed_compare', 'main', 'papermill_cmd']
 
 # %% ../nbs/04_adv_distill.ipynb #c005
 def _rank() -> int:
@@ -115,7 +116,6 @@ def fd_penalty(l, lp) -> torch.Tensor:
     return (l - lp).pow(2).mean()
 
 # %% ../nbs/04_adv_distill.ipynb #c021
-SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
 SHIPPED_STUDENT = 'papermill_runs/dmd/synth_dmd4_seed0'
 
 @dataclass

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info', 'RunDir',
-           'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
+__all__ = ['SHIPPED_TEACHER', 'STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info',
+           'RunDir', 'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
 
 # %% ../nbs/00_core.ipynb #c006
 class TurboTalkError(Exception):
@@ -31,6 +31,8 @@ def seed_everything(seed:int # the run's seed
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #c011
+SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'   # the teacher run that ships (v1 front end): every stage, the main job and the pipeline default to it
+
 def repo_root() -> Path:
     "The repository this package belongs to (in a notebook: the nearest folder up from the working directory with settings.ini)."
     if '__file__' in globals(): return Path(__file__).resolve().parent.parent

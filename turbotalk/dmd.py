@@ -19,12 +19,13 @@ from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
 from .synthtalk import check_synthtalk
+from .teacher import SHIPPED_TEACHER
 
 # %% auto #0
-__all__ = ['SHIPPED_TEACHER', 'LOSS_KEYS', 'keyed_rng', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd',
-           'dmd_data', 'Pairs', 'ode_pairs', 'RegressMethod', 'ShowDMD', 'student_generator', 'student_hook',
-           'train_dmd', 'load_dmd_config', 'load_student', 'student_name', 'evaluate_student', 'speed_compare',
-           'dmd_checks', 'table_rows', 'dmd_table', 'main', 'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'keyed_rng', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs',
+           'ode_pairs', 'RegressMethod', 'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config',
+           'load_student', 'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table',
+           'main', 'papermill_cmd']
 
 # %% ../nbs/03_dmd.ipynb #c005
 def _rank() -> int:
@@ -130,8 +131,6 @@ def d_loss(self:DMDMethod, batch:dict, step:int):
     return loss, logs
 
 # %% ../nbs/03_dmd.ipynb #c016
-SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'
-
 @dataclass
 class DMDConfig(StageConfig):
     "StageConfig + the upstream teacher, the generator's step list and the DMD, warm-start and evaluation knobs."

@@ -18,7 +18,7 @@ from .model import TalkingDiT, PixelCodec, teacher_sigmas, sample
 from .data import LogMelFeatures, square_resize, to_x
 from .media import load_audio, load_image, write_mp4, to_uint8
 from .sampling import step_list, chunk_plan, generate, _u8
-from .teacher import Denoiser, TeacherConfig, build_teacher, load_teacher, teacher_features
+from .teacher import SHIPPED_TEACHER, Denoiser, TeacherConfig, build_teacher, load_teacher, teacher_features
 
 # %% auto #0
 __all__ = ['MIN_SECONDS', 'SILENT_PEAK', 'log', 'ADV_RUN', 'MODELS', 'TalkingDenoiser', 'random_denoiser', 'TurboTalkPipeline',
@@ -292,7 +292,7 @@ def write_talk(path, frames, audio, fps:float=25, sr:int=16000) -> Path:
 ADV_RUN = 'papermill_runs/adv/synth_adv_mis1_seed0'   # the Stage-2 run whose 1-step student ships (scripts/demo.py: SHIP)
 MODELS = dict(turbotalk=ADV_RUN,                                                     # Stage 2: 3, 2, 1 steps (default 1)
               dmd='papermill_runs/dmd/synth_dmd4_seed0',                             # Stage 1: the DMD 4-step student
-              teacher='papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0')  # 40 Euler steps x 3 CFG
+              teacher=SHIPPED_TEACHER)  # 40 Euler steps x 3 CFG
 
 def _device(device) -> torch.device:
     "A torch device that exists here (TurboTalkError otherwise)."

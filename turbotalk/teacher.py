@@ -11,7 +11,7 @@ import numpy as np, torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
-from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
+from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info, SHIPPED_TEACHER
 from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8

@@ -294,7 +294,7 @@ def plan_md(measured:list, rows:list, cmd:str='') -> str:
         a = lambda ck, k='saved': _gb(r['act'][f'{ck}/1/params'][k])
         L.append(f"| {r['size']} | {a('none')} | {a('blocks')} | {a('blocks', 'recompute')} | {a('all')} | {a('all', 'recompute')} | {_gb(r['nograd']['1'])} | {_gb(r['nograd'].get('3', 0))} |")
     L += ['', '## Per-GPU memory by stage (GB) and the GPUs each needs', '',
-          '| size | stage | config | peak update | states, 1 GPU | activations | total, 1 GPU | total, 8 GPUs | H100 80GB: GPUs | H200 141GB: GPUs |', '|---|---|---|---|---|---|---|---|---|---|']
+          '| size | stage | config | peak update | states (weights, grads, optimizer, EMA, frozen), 1 GPU | activations | total, 1 GPU | total, 8 GPUs | H100 80GB: GPUs | H200 141GB: GPUs |', '|---|---|---|---|---|---|---|---|---|---|']
     key = {(x['size'], x['stage'], x['config'], x['n_gpu']): x for x in rows}
     for r in measured:
         for stage in STEPS:
@@ -357,7 +357,7 @@ def plot_plan(rows:list, n_gpu:int=8, sizes=('wan-1.3b', 'wan-14b'), path=None):
         left = np.zeros(len(rs))
         for part in PARTS:
             v = np.array([float(r[part]) for r in rs]); ax.barh(range(len(rs)), v, left=left, color=PART_COLORS[part], label=part); left += v
-        for g, cap in GPUS.items(): ax.axvline((1 - MARGIN) * cap / 1e9, ls='--', c='k', lw=0.8); ax.text((1 - MARGIN) * cap / 1e9, -1, g, fontsize=7)
+        for (g, cap), ls in zip(GPUS.items(), ('--', ':')): ax.axvline((1 - MARGIN) * cap / 1e9, ls=ls, c='k', lw=1, label=f'90 % of {g}')
         ax.set_yticks(range(len(rs)), [f"{r['stage']} / {r['config']}" for r in rs], fontsize=8); ax.invert_yaxis()
         ax.set_xscale('symlog', linthresh=10); ax.set_xlabel(f'GB per GPU on {n_gpu} GPUs'); ax.set_title(size)
     axs[0][0].legend(fontsize=8, loc='lower right'); fig.tight_layout()

@@ -34,11 +34,12 @@ def main():
     p.add_argument('--ckpt_every', type=int, default=0)
     p.add_argument('--resume', action='store_true')
     p.add_argument('--cpu', action='store_true')
+    p.add_argument('--shard', default='none', choices=['none', 'fsdp2'])
     a = p.parse_args()
     torch.manual_seed(0)
     method = ToyFlow() if a.method == 'flow' else ToyGAN()
     cfg = StageConfig(max_steps=a.steps, bs=a.bs, lr_g=1e-2, lr_d=1e-2, d_per_g=a.d_per_g, ema=.9, log_every=1,
-                      ckpt_every=a.ckpt_every, cpu=a.cpu, out=a.out, resume=a.resume)
+                      ckpt_every=a.ckpt_every, cpu=a.cpu, out=a.out, resume=a.resume, shard=a.shard)
     hist = fit(method, DataLoader(Recorded(a.n), batch_size=a.bs, shuffle=True), cfg, RunDir(a.out), callbacks=[World()])
     rank = int(os.environ.get('RANK', 0))
     rec = dict(history=hist, indices=Recorded.seen, num_processes=World.n)

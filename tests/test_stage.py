@@ -205,3 +205,30 @@ def test_notebook_parameters_equal_config_fields():
     ps = pm.inspect_notebook(str(ROOT/'nbs'/'02a_stage.ipynb'))
     assert list(ps) == [f.name for f in fields(StageConfig)]
     assert StageConfig(betas=eval(ps['betas']['default'])).betas == (0.9, 0.999)   # a comma string: -p betas 0,0.999 works
+
+
+# ---------------------------------------------------------------- crash safety
+@pytest.mark.parametrize('victim', ['weights.safetensors', 'optimizer.bin'])
+def test_truncated_last_checkpoint_falls_back_to_the_previous_one(tmp_path, victim):
+    "The last checkpoint has its completion marker but a file cut in half: resume warns, sets it aside, uses the one before."
+    torch.manual_seed(0); h6 = fit(ToyFlow(), _dl(), _gan_cfg(tmp_path/'a'), RunDir(tmp_path/'a'))
+    torch.manual_seed(0); fit(ToyFlow(), _dl(), _gan_cfg(tmp_path/'b'), RunDir(tmp_path/'b'))
+    root = ckpt_root(RunDir(tmp_path/'b'))
+    f = root/'step_000006'/victim; f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=f'step_000006 is corrupt .*{victim}'):
+        h = fit(ToyFlow(), _dl(), _gan_cfg(tmp_path/'b', max_steps=6, resume=True), RunDir(tmp_path/'b'))
+    assert [r['step'] for r in h] == [4, 5, 6]
+    np.testing.assert_allclose(_losses(h), _losses(h6[3:]), atol=1e-6)
+    assert (root/'step_000006.corrupt').is_dir() and [p.name for p in complete_ckpts(root)] == ['step_000003', 'step_000006']
+
+
+def test_checkpoint_without_checksums_is_still_checked(tmp_path):
+    "A checkpoint from before checksums (no sha256 in progress.json) is corrupt when a safetensors file does not load."
+    from turbotalk.stage import ckpt_problem
+    torch.manual_seed(0); fit(ToyFlow(), _dl(), _gan_cfg(tmp_path, max_steps=3), RunDir(tmp_path))
+    ck = ckpt_root(RunDir(tmp_path))/'step_000003'
+    prog = json.loads((ck/'progress.json').read_text()); assert set(prog.pop('sha256')) >= {'weights.safetensors', 'optimizer.bin'}
+    (ck/'progress.json').write_text(json.dumps(prog))
+    assert ckpt_problem(ck) == ''
+    f = ck/'ema.safetensors'; f.write_bytes(f.read_bytes()[:100])
+    assert 'ema.safetensors' in ckpt_problem(ck)

@@ -336,7 +336,7 @@ def adv_dataset(cfg:AdvConfig, tcfg) -> TalkingHeadDataset:
 def build_phase(cfg:AdvConfig, n:int, sched:dict, prev, start:dict, shift:float, carry:dict|None=None) -> AdvMethod:
     "Phase n: the student from the weights `start`, D a fresh copy of it with zero heads (or `carry`: D's weights by role)."
     student = deepcopy(prev).train(); student.load_state_dict(start)
-    ref = prev if cfg.lambda_sc > 0 or cfg.sc_d > 0 else None
+    ref = deepcopy(prev) if cfg.lambda_sc > 0 or cfg.sc_d > 0 else None   # a copy: fit may shard it (FSDP2), and a sharded net cannot be copied again
     m = AdvMethod(student, deepcopy(student), ref, sched[n], sched[n + 1], sched[max(sched)], cfg, shift)
     if carry: load_role_state(m, carry, [r for r in ('disc', 'heads') if any(k.startswith(r + '.') for k in carry)])
     return m

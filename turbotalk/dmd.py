@@ -298,8 +298,10 @@ def _warm_start(m:DMDMethod, cfg:DMDConfig, tcfg, dl:DataLoader, run:RunDir):
         if _is_main(): save_weights({k: v.contiguous() for k, v in pairs.items()}, p)
         print(f'{cfg.warm_pairs} teacher ODE pairs in {time.time() - t0:.0f} s')
     wcfg = DMDConfig(**{**asdict(cfg), 'max_steps': cfg.warm_steps, 'lr_g': cfg.warm_lr, 'ema': 0.0, 'd_per_g': 1, 'betas': (0.9, 0.999)})
-    fit(RegressMethod(m.student, cfg.sigmas, cfg.seed), DataLoader(Pairs(pairs), batch_size=cfg.bs, shuffle=True, drop_last=True),
+    w = deepcopy(m.student)   # a copy: fit may shard it (FSDP2), and the DMD fit copies its EMA from an unsharded student
+    fit(RegressMethod(w, cfg.sigmas, cfg.seed), DataLoader(Pairs(pairs), batch_size=cfg.bs, shuffle=True, drop_last=True),
         wcfg, run, phase='warm')
+    m.student.load_state_dict(load_weights(run.path/'weights'/'warm'/'student.safetensors'))
 
 def train_dmd(cfg:DMDConfig, cmd:str|None=None) -> tuple[DMDMethod, list]:
     "Distil cfg.teacher into a student in cfg.out; returns (method, history of process-mean logs)."

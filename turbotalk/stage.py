@@ -4,13 +4,17 @@
 
 # %% ../nbs/02a_stage.ipynb #c002
 from __future__ import annotations
-import json, math, os, random, shutil, sys, time, warnings
+import hashlib, json, math, os, random, shutil, sys, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np, torch, torch.distributed as dist, torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -24,6 +28,16 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
            'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
            'last_ckpt', 'check_finite', 'save_ckpt', 'load_ckpt', 'export_weights', 'setup', 'one_step',
            'emergency_save', 'fit', 'read_config', 'config_parser']
+
+# %% auto #0
+__all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net_state', 'role_state', 'load_role_state',
+           'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet', 'ToyFlow', 'ToyGAN', 'EMA', 'check_world',
+           'resolve_device', 'make_accelerator', 'prepare_data', 'batches', 'sync_grads', 'all_finite', 'clip_grads',
+           'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state', 'step_rng', 'Callback',
+           'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts', 'last_ckpt', 'check_finite',
+           'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem', 'resume_ckpt', 'export_weights',
+           'grad_ckpt', 'shard_on', 'shard_net', 'shard_method', 'held_share', 'setup', 'one_step', 'emergency_save',
+           'fit', 'read_config', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -44,13 +58,16 @@ class StageConfig:
     ckpt_every: int = 0          # checkpoint every n steps and at the end, 0 = off
     keep: int = 2                # complete checkpoints kept
     max_bad: int = 10            # abort after this many consecutive non-finite steps
-    mixed_precision: str = 'no'  # 'no' | 'bf16' | 'fp16'
-    cpu: bool = False            # force the CPU (needed for multi-process CPU runs)
+    mixed_precision: str = 'auto' # 'auto' (bf16 on CUDA, no on the CPU) | 'no' | 'bf16' | 'fp16'
+    cpu: bool = False            # force the CPU; False: CUDA when present, else the CPU
     out: str = 'runs/stage'      # run directory
     resume: bool = False         # continue from the last complete checkpoint in the run directory
+    grad_ckpt: bool = False      # gradient checkpointing in every network that supports it (recompute blocks in backward)
+    shard: str = 'none'          # 'none' (each process holds every network) | 'fsdp2' (FSDP2: every block, then each role)
 
     def __post_init__(self):
-        if self.mixed_precision not in ('no', 'bf16', 'fp16'): raise TurboTalkError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.mixed_precision not in ('auto', 'no', 'bf16', 'fp16'): raise TurboTalkError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.shard not in ('none', 'fsdp2'): raise TurboTalkError(f"shard must be 'none' or 'fsdp2', got {self.shard!r}")
         if self.d_per_g < 1 or self.grad_accum < 1 or self.log_every < 1: raise TurboTalkError('d_per_g, grad_accum and log_every must be >= 1')
         if not 0 <= self.ema < 1: raise TurboTalkError(f'ema is a decay in [0, 1), got {self.ema}')
         self.betas = tuple(float(b) for b in self.betas.split(',')) if isinstance(self.betas, str) else tuple(self.betas)
@@ -61,6 +78,7 @@ class Method(nn.Module):
     "One training algorithm: networks by role (attributes) and its generator / critic losses."
     g_roles: tuple = ('student',)  # roles the G optimiser trains
     d_roles: tuple = ()            # roles the D optimiser trains; every other child is frozen
+    unsharded: tuple = ('codec',)  # children FSDP2 leaves whole (used outside their forward, e.g. codec.encode)
 
     def g_loss(self, batch, step:int):
         "-> (loss, logs) for the G update."
@@ -72,15 +90,33 @@ class Method(nn.Module):
     def g_params(self) -> list: return self.role_params(self.g_roles)
     def d_params(self) -> list: return self.role_params(self.d_roles)
     def frozen_roles(self) -> list: return [n for n, _ in self.named_children() if n not in self.g_roles + self.d_roles]
+    def shard_units(self, net:nn.Module) -> list:
+        "Submodules FSDP2 shards one by one before `net` itself: those named in diffusers' `_no_split_modules` (Wan blocks)."
+        names = {n for m in net.modules() for n in (getattr(m, '_no_split_modules', None) or [])}
+        return [m for m in net.modules() if type(m).__name__ in names]
 
 # %% ../nbs/02a_stage.ipynb #c010
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)   # gathered, on the CPU, on process 0 only
+
+def is_sharded(net:nn.Module) -> bool: return any(isinstance(m, FSDPModule) for m in net.modules())
+
+def net_state(net:nn.Module) -> dict:
+    "net.state_dict(); for an FSDP2-sharded net the FULL one (a collective: every process calls it; process 0 gets it)."
+    if not is_sharded(net): return net.state_dict()
+    return {k: v.clone() for k, v in get_model_state_dict(net, options=FULL).items()}  # own storage (safetensors needs it)
+
+def load_net_state(net:nn.Module, sd:dict):
+    "Load a full state dict (every process passes the same one; a sharded net keeps its shard of each tensor)."
+    if is_sharded(net): set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True))
+    else: net.load_state_dict(sd)
+
 def role_state(method:Method, roles) -> dict:
     "Flat state dict of `roles` with keys 'role.param' (what checkpoints and exports store)."
-    return {f'{r}.{k}': v for r in roles for k, v in getattr(method, r).state_dict().items()}
+    return {f'{r}.{k}': v for r in roles for k, v in net_state(getattr(method, r)).items()}
 
 def load_role_state(method:Method, sd:dict, roles):
     "Load `role_state` output back into `roles` (strict: every key must match)."
-    for r in roles: getattr(method, r).load_state_dict({k[len(r) + 1:]: v for k, v in sd.items() if k.startswith(r + '.')})
+    for r in roles: load_net_state(getattr(method, r), {k[len(r) + 1:]: v for k, v in sd.items() if k.startswith(r + '.')})
 
 def train_only(method:Method, roles):
     "Make exactly the trainable `roles` require grad: the other trainable role is frozen during this update."
@@ -157,18 +193,25 @@ class EMA(nn.Module):
                 for a, b in zip(getattr(getattr(method, r), f)(), getattr(s, f)())]
     @torch.no_grad()
     def update(self, method:Method):
-        "e <- decay * e + (1 - decay) * p; buffers copied."
+        "e <- decay * e + (1 - decay) * p; buffers copied (sharded: each process updates its own shard)."
         for a, b in self.pairs(method):
-            if b.is_floating_point() and isinstance(a, nn.Parameter): b.lerp_(a.detach(), 1 - self.decay)
+            if b.is_floating_point() and isinstance(a, nn.Parameter): _local(b).lerp_(_local(a).detach(), 1 - self.decay)
             else: b.copy_(a)
     @contextmanager
     def swapped(self, method:Method):
-        "Use the EMA weights inside the block (swaps tensors in place; no copy)."
+        "Use the EMA weights inside the block (swaps tensors in place; sharded tensors swap their shards by copy)."
         def swap():
-            for a, b in self.pairs(method): a.data, b.data = b.data, a.data
+            for a, b in self.pairs(method):
+                if isinstance(a, DTensor):   # FSDP2 gathers from the parameter's own storage: copy, never rebind
+                    t = _local(a).clone(); _local(a).copy_(_local(b)); _local(b).copy_(t)
+                else: a.data, b.data = b.data, a.data
         swap()
         try: yield method
         finally: swap()
+    def full_state(self) -> dict: return {f'roles.{k}': v for k, v in role_state(self.roles, list(self.roles)).items()}
+    def load_full_state(self, sd:dict): load_role_state(self.roles, {k[6:]: v for k, v in sd.items()}, list(self.roles))
+
+def _local(t): return t.to_local() if isinstance(t, DTensor) else t
 
 # %% ../nbs/02a_stage.ipynb #c022
 def check_world(n:int, env=None):
@@ -179,14 +222,21 @@ def check_world(n:int, env=None):
                              '`accelerate launch --multi_gpu --num_processes N` and cpu=True (or ACCELERATE_USE_CPU=1); '
                              '`--cpu --num_processes N` silently runs one process')
 
+def resolve_device(cfg:StageConfig) -> tuple[bool, str]:
+    "(cpu, mixed_precision) from the environment: CUDA when present unless cfg.cpu; 'auto' precision = bf16 on CUDA, 'no' on the CPU."
+    cpu = cfg.cpu or not torch.cuda.is_available()   # cpu=True also makes `--multi_gpu` launches on a CPU machine use gloo
+    return cpu, cfg.mixed_precision if cfg.mixed_precision != 'auto' else ('no' if cpu else 'bf16')
+
 def make_accelerator(cfg:StageConfig) -> Accelerator:
-    "The Accelerator of one `fit` call: device, precision, global batches, seeded data order."
+    "The Accelerator of one `fit` call: device, precision, global batches, seeded data order; TF32 matmuls on CUDA."
+    cpu, mp = resolve_device(cfg)
     st = AcceleratorState._shared_state
-    if st and (st['_mixed_precision'] != cfg.mixed_precision or cfg.cpu and st['device'].type != 'cpu'):
+    if st and (st['_mixed_precision'] != mp or cpu and st['device'].type != 'cpu'):
         AcceleratorState._reset_state()  # a new precision/device for this phase (the process group is kept)
     dlc = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed)
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, dataloader_config=dlc)
+    acc = Accelerator(cpu=cpu, mixed_precision=mp, dataloader_config=dlc)
     check_world(acc.num_processes)
+    if acc.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return acc
 
 # %% ../nbs/02a_stage.ipynb #c024
@@ -208,7 +258,8 @@ def batches(dl, acc:Accelerator, start:int=0):
 # %% ../nbs/02a_stage.ipynb #c027
 def sync_grads(params, acc:Accelerator, bucket:int=2**24):
     "Average gradients over processes (DDP's all-reduce, once per update); `None` where no process has a grad."
-    if acc.num_processes == 1: return
+    params = [p for p in params if not isinstance(p, DTensor)]   # FSDP2 already reduce-scattered the sharded ones
+    if acc.num_processes == 1 or not params: return
     has = torch.tensor([float(p.grad is not None) for p in params], device=acc.device)
     dist.all_reduce(has)
     ps = [p for p, h in zip(params, has.tolist()) if h > 0]
@@ -233,7 +284,8 @@ def clip_grads(params, opt, acc:Accelerator, max_norm:float):
     acc.unscale_gradients(opt)
     ps = [p for p in params if p.grad is not None]
     if not ps: return torch.zeros((), device=acc.device)
-    return torch.nn.utils.clip_grad_norm_(ps, max_norm if max_norm > 0 else float('inf'))
+    n = torch.nn.utils.clip_grad_norm_(ps, max_norm if max_norm > 0 else float('inf'))  # DTensor grads: the global norm
+    return n.full_tensor() if isinstance(n, DTensor) else n
 
 def update(st, role:str, mbs:list):
     "One update of `role` ('g' | 'd') on micro-batches `mbs`, the other role frozen: (logs, finite) or None."
@@ -283,6 +335,7 @@ class FitState:
     dl: object = None; opts: dict = field(default_factory=dict); ema: EMA | None = None
     step: int = 0; n_bad: int = 0; logs: dict = field(default_factory=dict); history: list = field(default_factory=list)
     dirty: bool = False; rng: dict | None = None; tlog: tuple = (0., 0)  # (time, step) of the last log row
+    sharded: bool = False  # the role networks are FSDP2-sharded over the processes
 
 def rng_state() -> dict:
     "Snapshot of the python, numpy, torch (and CUDA) generators."
@@ -310,13 +363,16 @@ class SampleEvery(Callback):
     "Call fn(st) every `every` steps and at the last step, on the main process, EMA weights in, RNG untouched."
     def __init__(self, fn, every:int, use_ema:bool=True): self.fn, self.every, self.use_ema = fn, every, use_ema
     def on_step_end(self, st):
-        if st.acc.is_main_process and (st.step % self.every == 0 or st.step == st.cfg.max_steps): self(st)
+        if (st.acc.is_main_process or st.sharded) and (st.step % self.every == 0 or st.step == st.cfg.max_steps): self(st)
     def __call__(self, st):
         s = rng_state()
         ctx = st.ema.swapped(st.method) if self.use_ema and st.ema is not None else nullcontext()
-        try:
-            with ctx, torch.no_grad(): self.fn(st)
-        finally: set_rng_state(s)
+        # sharded: every forward is a collective, so every process samples; only the main process writes into the run
+        with tempfile.TemporaryDirectory(prefix='samples_') as tmp:
+            st_ = st if st.acc.is_main_process else replace(st, run=RunDir(tmp))
+            try:
+                with ctx, torch.no_grad(): self.fn(st_)
+            finally: set_rng_state(s)
 
 # %% ../nbs/02a_stage.ipynb #c035
 def plot_metrics(rows:list,           # metrics.jsonl rows (RunDir.metrics())
@@ -346,9 +402,9 @@ def ckpt_root(run:RunDir, phase:str='') -> Path:
     return p/phase if phase else p
 
 def complete_ckpts(root:Path) -> list:
-    "Complete checkpoints under `root`, oldest first (.tmp folders are incomplete)."
+    "Complete checkpoints under `root`, oldest first (.tmp folders are incomplete, .corrupt ones were set aside)."
     if not Path(root).exists(): return []
-    ps = [p for p in Path(root).glob('step_*') if p.suffix != '.tmp' and (p/'progress.json').exists()]
+    ps = [p for p in Path(root).glob('step_*') if p.name[5:].isdigit() and (p/'progress.json').exists()]
     return sorted(ps, key=lambda p: int(p.name[5:]))
 
 def last_ckpt(run:RunDir, phase:str='', resume:bool=True) -> list:
@@ -362,11 +418,20 @@ def last_ckpt(run:RunDir, phase:str='', resume:bool=True) -> list:
 def check_finite(st):
     "Raise NonFiniteError if any trainable weight or EMA weight is not finite."
     ts = st.method.role_params(st.method.g_roles + st.method.d_roles) + (list(st.ema.parameters()) if st.ema else [])
-    if not torch.stack([torch.isfinite(t).all() for t in ts]).all():
+    bad = (~torch.stack([torch.isfinite(_local(t)).all() for t in ts]).all()).float().to(st.acc.device)
+    if st.sharded: dist.all_reduce(bad)   # each process checked its own shards
+    if bad.item():
         raise NonFiniteError(f'non-finite weights at step {st.step}: refusing to write them over good checkpoints')
 
 # %% ../nbs/02a_stage.ipynb #c039
 def _cpu(sd:dict) -> dict: return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+def _sha256(f:Path) -> str:
+    with open(f, 'rb') as fh: return hashlib.file_digest(fh, 'sha256').hexdigest()
+
+def file_sums(d:Path) -> dict:
+    "sha256 of every file of checkpoint folder `d` but progress.json (recorded there at save, checked at resume)."
+    return {f.name: _sha256(f) for f in sorted(Path(d).iterdir()) if f.is_file() and f.name != 'progress.json'}
 
 def save_ckpt(st) -> Path:
     "Atomic checkpoint of `st` into checkpoints/[phase/]step_XXXXXX; keeps the last cfg.keep."
@@ -377,13 +442,16 @@ def save_ckpt(st) -> Path:
     tmp = final.with_suffix('.tmp')
     if acc.is_main_process: shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))  # optimisers, scaler, RNG of every process
+    acc.save_state(str(tmp))  # optimisers (unsharded), scaler, RNG of every process
+    m = st.method             # full state dicts: collectives when sharded, so every process gathers
+    w, e = role_state(m, m.g_roles + m.d_roles), st.ema.full_state() if st.ema is not None else None
+    opt = {k: get_optimizer_state_dict(m, o, options=FULL) for k, o in st.opts.items()} if st.sharded else {}
     acc.wait_for_everyone()   # every process has written its RNG file before the rename
     if acc.is_main_process:
-        m = st.method
-        save_weights(_cpu(role_state(m, m.g_roles + m.d_roles)), tmp/'weights.safetensors')
-        if st.ema is not None: save_weights(_cpu(st.ema.state_dict()), tmp/'ema.safetensors')
-        prog = dict(step=st.step, phase=st.phase, n_bad=st.n_bad, num_processes=acc.num_processes)
+        save_weights(_cpu(w), tmp/'weights.safetensors')
+        if e is not None: save_weights(_cpu(e), tmp/'ema.safetensors')
+        for k, sd in opt.items(): torch.save(sd, tmp/f'optim_{k}.pt')  # keyed by parameter name: loads at any world size
+        prog = dict(step=st.step, phase=st.phase, n_bad=st.n_bad, num_processes=acc.num_processes, sha256=file_sums(tmp))
         (tmp/'progress.json').write_text(json.dumps(prog))
         os.replace(tmp, final)
         for old in complete_ckpts(root)[:-st.cfg.keep]: shutil.rmtree(old)
@@ -391,50 +459,147 @@ def save_ckpt(st) -> Path:
     return final
 
 # %% ../nbs/02a_stage.ipynb #c040
+@contextmanager
+def _without_optims(acc:Accelerator, on:bool=True):
+    "Accelerate's save/load_state without its optimisers (when the checkpoint holds full, name-keyed ones)."
+    keep = acc._optimizers
+    if on: acc._optimizers = []
+    try: yield
+    finally: acc._optimizers = keep
+
+def _by_name(m:Method, opt, sd:dict) -> dict:
+    "Accelerate's index-keyed optimiser state (an unsharded run's optimizer.bin) keyed by parameter name instead."
+    names = {id(p): n for n, p in m.named_parameters()}
+    fq = [names[id(p)] for g in opt.param_groups for p in g['params']]
+    return {'state': {fq[int(i)]: v for i, v in sd['state'].items()},
+            'param_groups': [{**g, 'params': [fq[int(i)] for i in g['params']]} for g in sd['param_groups']]}
+
+def load_optims(st, path:Path):
+    "Full (name-keyed) optimiser states into this run's optimisers, sharded or not; also reads an unsharded run's optimizer.bin."
+    for i, (k, o) in enumerate(st.opts.items()):
+        o = getattr(o, 'optimizer', o)   # Accelerate's wrapper
+        f, bin_ = path/f'optim_{k}.pt', path/('optimizer.bin' if i == 0 else f'optimizer_{i}.bin')
+        sd = torch.load(f, weights_only=True) if f.is_file() else _by_name(st.method, o, torch.load(bin_, weights_only=True))
+        set_optimizer_state_dict(st.method, o, sd, options=StateDictOptions(full_state_dict=True))
+
+# %% ../nbs/02a_stage.ipynb #c040b
 def load_ckpt(st, path:Path):
-    "Restore weights, EMA, optimisers, scaler, RNG and the step counter from checkpoint `path`."
-    st.acc.load_state(str(path))
+    "Restore weights, EMA, optimisers, scaler, RNG and the step counter from checkpoint `path` (at any world size)."
+    named = (path/'optim_g.pt').is_file()   # written by a sharded run
+    with _without_optims(st.acc, named): st.acc.load_state(str(path))
     m = st.method
+    if named or st.sharded: load_optims(st, path)
     load_role_state(m, load_weights(path/'weights.safetensors'), m.g_roles + m.d_roles)
     if st.ema is not None:
-        if (path/'ema.safetensors').exists(): st.ema.load_state_dict(load_weights(path/'ema.safetensors'))
+        if (path/'ema.safetensors').exists(): st.ema.load_full_state(load_weights(path/'ema.safetensors'))
         else: st.ema = EMA(m, st.cfg.ema)  # EMA switched on at resume: start it from the weights
     prog = json.loads((path/'progress.json').read_text())
     st.step, st.n_bad = prog['step'], prog['n_bad']
     if prog['num_processes'] != st.acc.num_processes:
         warnings.warn(f"resuming a {prog['num_processes']}-process checkpoint on {st.acc.num_processes}: per-process RNG streams differ")
 
+# %% ../nbs/02a_stage.ipynb #c040c
+def ckpt_problem(path:Path) -> str:
+    "What is wrong with complete checkpoint `path` ('' if nothing): a file missing or changed since its save, or unreadable."
+    try:
+        sums = json.loads((path/'progress.json').read_text()).get('sha256')
+        for name, h in (sums or {}).items():
+            if not (path/name).is_file(): return f'{name} is missing'
+            if _sha256(path/name) != h: return f'{name} does not match the checksum recorded at save'
+        if sums is None:   # a checkpoint from before checksums: its safetensors must at least load
+            for f in path.glob('*.safetensors'): load_weights(f)
+    except Exception as e: return f'{type(e).__name__}: {e}'
+    return ''
+
+def resume_ckpt(st) -> Path|None:
+    "Load the newest complete checkpoint that is intact; corrupt newer ones are set aside (step_X.corrupt) with a warning."
+    ps, good, bad = last_ckpt(st.run, st.phase, st.cfg.resume) and complete_ckpts(ckpt_root(st.run, st.phase)), None, []
+    for p in reversed(ps):
+        if not (why := ckpt_problem(p)): good = p; break
+        bad.append((p, why))
+    for p, why in bad: warnings.warn(f'checkpoint {p} is corrupt ({why}): resuming from the one before')
+    if ps and good is None: raise TurboTalkError(f'every checkpoint under {ckpt_root(st.run, st.phase)} is corrupt: {bad}')
+    if good is not None: load_ckpt(st, good)
+    st.acc.wait_for_everyone()   # every process has chosen before the corrupt ones are moved
+    if st.acc.is_main_process:
+        for p, _ in bad: shutil.rmtree(p.with_suffix('.corrupt'), ignore_errors=True); p.rename(p.with_suffix('.corrupt'))
+    return good
+
+# %% ../nbs/02a_stage.ipynb #c040d
 def export_weights(st) -> Path:
-    "safetensors of every trainable role, and `<role>_ema` of the G roles, into weights/[phase/]."
+    "safetensors of every trainable role, and `<role>_ema` of the G roles, into weights/[phase/] (full, even when sharded)."
     m, d = st.method, Path(st.run.path)/'weights'/st.phase
     check_finite(st)
+    sds = {**{r: net_state(getattr(m, r)) for r in m.g_roles + m.d_roles},
+           **{f'{r}_ema': net_state(s) for r, s in (st.ema.roles.items() if st.ema else [])}}
     if st.acc.is_main_process:
         d.mkdir(parents=True, exist_ok=True)
-        for r in m.g_roles + m.d_roles: save_weights(_cpu(getattr(m, r).state_dict()), d/f'{r}.safetensors')
-        for r, s in (st.ema.roles.items() if st.ema else []): save_weights(_cpu(s.state_dict()), d/f'{r}_ema.safetensors')
+        for k, sd in sds.items(): save_weights(_cpu(sd), d/f'{k}.safetensors')
     st.acc.wait_for_everyone()
     return d
 
+# %% ../nbs/02a_stage.ipynb #c040s
+def grad_ckpt(method:Method):
+    "Gradient checkpointing in every submodule that supports diffusers' switch (TalkingDiT: each Wan block)."
+    for m in method.modules():
+        if getattr(m, '_supports_gradient_checkpointing', False): m.enable_gradient_checkpointing()
+
+def shard_on(cfg:StageConfig, acc:Accelerator) -> bool:
+    "Shard with FSDP2 when asked (shard='fsdp2') or launched with Accelerate's FSDP config, on more than one process."
+    from accelerate.utils import DistributedType
+    if cfg.shard == 'fsdp2' or acc.distributed_type == DistributedType.FSDP:
+        if acc.mixed_precision == 'fp16': raise TurboTalkError("shard='fsdp2' trains in bf16 or fp32: fp16 needs a sharded grad scaler")
+        return acc.num_processes > 1
+    return False
+
+# %% ../nbs/02a_stage.ipynb #c040t
+def shard_net(net:nn.Module, method:Method):
+    "FSDP2 on `net`: each of method.shard_units(net), then net itself; a container (ModuleList) shards each member as a root."
+    if isinstance(net, FSDPModule): return   # already sharded (e.g. by an earlier fit call)
+    if isinstance(net, (nn.ModuleList, nn.ModuleDict)):
+        for c in net.children(): shard_net(c, method)
+        return
+    for u in method.shard_units(net):
+        if u is not net and not isinstance(u, FSDPModule): fully_shard(u)
+    fully_shard(net, reshard_after_forward=True)   # roots too: between calls every process holds only its shards
+
+def shard_method(method:Method, ema:EMA|None=None) -> list:
+    "Shard every role network with weights (trainable and frozen; not `method.unsharded`) and its EMA shadow alike."
+    roles = [r for r, c in method.named_children() if r not in method.unsharded and any(True for _ in c.parameters())]
+    for r in roles:
+        for net in [getattr(method, r)] + ([ema.roles[r]] if ema is not None and r in ema.roles else []): shard_net(net, method)
+    return roles
+
+def held_share(method:Method, roles:list, acc:Accelerator) -> list:
+    "Per process, the fraction of the sharded roles' elements it holds (1/N each when the shards are even)."
+    ps = [p for r in roles for p in getattr(method, r).parameters()]
+    mine = torch.tensor([float(sum(_local(p).numel() for p in ps))], device=acc.device)
+    return [round(x / max(1, sum(p.numel() for p in ps)), 4) for x in acc.gather(mine).tolist()]
+
 # %% ../nbs/02a_stage.ipynb #c042
 def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='') -> FitState:
-    "Accelerator, seeding, device, optimisers, EMA, data; resume from the last complete checkpoint if asked."
+    "Accelerator, seeding, device, checkpointing, EMA, sharding, optimisers, data; resume from the last intact checkpoint if asked."
     acc = make_accelerator(cfg)
     seed_everything(cfg.seed + acc.process_index)
     method.to(acc.device).train().requires_grad_(False)
     for r in method.frozen_roles(): getattr(method, r).eval()
+    if cfg.grad_ckpt: grad_ckpt(method)
     if acc.num_processes > 1:
         with torch.no_grad():
-            for t in [*method.parameters(), *method.buffers()]: dist.broadcast(t.data, 0)  # as DDP does
+            for t in [*method.parameters(), *method.buffers()]:
+                if not isinstance(t, DTensor): dist.broadcast(t.data, 0)  # as DDP does
     train_only(method, method.g_roles + method.d_roles)
-    adamw = lambda ps, lr: acc.prepare(torch.optim.AdamW(ps, lr=lr, betas=cfg.betas, weight_decay=cfg.wd))
-    opts = {'g': adamw(method.g_params(), cfg.lr_g)}
-    if method.d_roles: opts['d'] = adamw(method.d_params(), cfg.lr_d)
-    st = FitState(method, acc, cfg, run, phase, prepare_data(dl, acc, cfg), opts, EMA(method, cfg.ema) if cfg.ema else None)
-    last = last_ckpt(run, phase, cfg.resume)
-    if last: load_ckpt(st, last[0])
+    ema, sharded = EMA(method, cfg.ema) if cfg.ema else None, shard_on(cfg, acc)
+    roles = shard_method(method, ema) if sharded else []   # before the optimisers: FSDP2 replaces the parameters
+    adamw = lambda ps, lr: torch.optim.AdamW(ps, lr=lr, betas=cfg.betas, weight_decay=cfg.wd)
+    opts = {'g': adamw(method.g_params(), cfg.lr_g)} | ({'d': adamw(method.d_params(), cfg.lr_d)} if method.d_roles else {})
+    if not sharded: opts = {k: acc.prepare(o) for k, o in opts.items()}   # sharded: we save full optimiser states ourselves
+    st = FitState(method, acc, cfg, run, phase, prepare_data(dl, acc, cfg), opts, ema, sharded=sharded)
+    last = resume_ckpt(st)
+    held = held_share(method, roles, acc) if sharded else []
     if acc.is_main_process:
         run.log(st.step, event='start', **({'phase': phase} if phase else {}), num_processes=acc.num_processes,
-                resumed_from=str(last[0]) if last else '')
+                resumed_from=str(last or ''), **({'shard': 'fsdp2', 'held': held} if sharded else {}))
     return st
 
 # %% ../nbs/02a_stage.ipynb #c043

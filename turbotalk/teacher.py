@@ -166,7 +166,7 @@ class TeacherConfig(StageConfig):
     ema: float = 0.999           # EMA decay (after warm-up)
     log_every: int = 10          # metrics.jsonl row every n steps
     ckpt_every: int = 300        # checkpoint every n steps
-    cpu: bool = True             # force the CPU
+    cpu: bool = False            # force the CPU (else CUDA when present)
     out: str = 'runs/teacher'    # run directory
     preset: str = 'synth'        # TalkingDiT size (model.PRESETS)
     data: str = 'data/synthtalk' # SynthTalk folder with train/ val/ test/

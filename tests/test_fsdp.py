@@ -1,0 +1,118 @@
+"""turbotalk.stage with shard='fsdp2': 2 CPU processes (accelerate launch --multi_gpu, gloo) with every network sharded by
+FSDP2 train each stage (toy, teacher, DMD, adversarial) to the losses of the unsharded runs with the same global batch, each
+process really holds about half of the weights, and checkpoints (full state dicts) resume at another world size.
+
+Tolerances: sharding changes only where the gradient average happens (a reduce-scatter instead of our all-reduce) and how
+the norm for clipping is summed, so the losses agree to float32 summation-order noise: rtol 1e-5 (measured: 0 to 3e-7)."""
+import json, os, shutil, socket, subprocess, sys
+from pathlib import Path
+import numpy as np, pytest, torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
+from turbotalk.core import load_weights
+from test_stage import _train, _losses          # the toy launcher (tests/_toy_train.py)
+from test_adv import synth, _tiny as _adv_args  # a tiny SynthTalk folder, a random tiny teacher and Stage-1 run
+from test_dmd import _tiny as _dmd_args
+
+
+def _env():
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'ACCELERATE_USE_CPU': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg',
+           'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k in ['WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT']: env.pop(k, None)
+    return env
+
+def _port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+def _cli(module:str, args:dict, procs:int=1):
+    "python -m turbotalk.<module> --k v ... on `procs` CPU processes."
+    launch = [sys.executable] if procs == 1 else [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu',
+              '--num_processes', str(procs), '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+              '--main_process_port', str(_port())]
+    cmd = launch + ['-m', f'turbotalk.{module}'] + [x for k, v in args.items() for x in (f'--{k}', str(v))]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+def _rows(out): return [json.loads(l) for l in (Path(out)/'metrics.jsonl').read_text().splitlines()]
+
+def _starts(out, phase=None): return [r for r in _rows(out) if r.get('event') == 'start' and r.get('phase') == phase]
+
+def _by_step(out, key, phase=None):
+    "step -> key of `phase`'s rows after its last start event."
+    rows = [r for r in _rows(out) if r.get('phase') == phase]
+    i = max(i for i, r in enumerate(rows) if r.get('event') == 'start')
+    return {r['step']: r[key] for r in rows[i:] if key in r}
+
+def _same(a:dict, b:dict, rtol=1e-5):
+    assert sorted(a) == sorted(b) and a, (a, b)
+    np.testing.assert_allclose([b[k] for k in sorted(a)], [a[k] for k in sorted(a)], rtol=rtol)
+
+def _check_sharded(start:dict):
+    "The start event of a sharded run: 2 processes, each holding about half of the elements, nothing held twice."
+    assert start['num_processes'] == 2 and start['shard'] == 'fsdp2', start
+    assert all(0.45 < h < 0.55 for h in start['held']) and abs(sum(start['held']) - 1) < 1e-3, start['held']
+
+
+# ---------------------------------------------------------------- toy (seconds)
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    "The toy flow, 8 steps with checkpoints every 4: 1 process unsharded and 2 processes FSDP2."
+    d = tmp_path_factory.mktemp('toy')
+    return d, _train(d/'one', '--ckpt_every', 4), _train(d/'two', '--ckpt_every', 4, '--shard', 'fsdp2', procs=2)
+
+def test_toy_fsdp2_matches_one_process(toy):
+    d, one, two = toy
+    assert two[0]['history'] == two[1]['history']
+    _check_sharded(_starts(d/'two')[0])
+    np.testing.assert_allclose(_losses(two[0]['history']), _losses(one[0]['history']), rtol=1e-5)
+    assert {p.name for p in (d/'two'/'checkpoints'/'step_000004').iterdir()} >= {'weights.safetensors', 'ema.safetensors', 'optim_g.pt'}
+    for f in ('teacher', 'teacher_ema'):   # exported weights are ordinary full safetensors
+        wa, wb = load_weights(d/'one'/'weights'/f'{f}.safetensors'), load_weights(d/'two'/'weights'/f'{f}.safetensors')
+        for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize('src,procs,shard', [('two', 1, 'none'), ('one', 2, 'fsdp2')])
+def test_toy_checkpoints_resume_across_sharding(toy, tmp_path, src, procs, shard):
+    "A sharded 2-process checkpoint resumes in 1 process; an unsharded 1-process one (Accelerate's optimizer.bin) on 2 sharded."
+    d, one, _ = toy
+    shutil.copytree(d/src/'checkpoints'/'step_000004', tmp_path/'checkpoints'/'step_000004')
+    h = _train(tmp_path, '--resume', '--shard', shard, procs=procs)[0]['history']
+    assert [r['step'] for r in h] == [5, 6, 7, 8]
+    np.testing.assert_allclose(_losses(h), _losses(one[0]['history'][4:]), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the stages at the tiny preset
+def _teacher_args(synth, out, **kw):
+    return {**dict(preset='tiny', data=synth/'data', size=32, n_frames=4, bs=4, max_steps=4, repeats=20, log_every=1,
+                   ckpt_every=2, warmup=2, n_show=0, n_eval=0, out=out), **kw}
+
+def test_teacher_fsdp2_matches_one_process_and_resumes_in_one(synth, tmp_path):
+    "The teacher's noise is keyed per sample, so 2 sharded processes == 1 process; the step-2 checkpoint resumes in 1."
+    _cli('teacher', _teacher_args(synth, tmp_path/'one'))
+    _cli('teacher', _teacher_args(synth, tmp_path/'two', shard='fsdp2'), procs=2)
+    _check_sharded(_starts(tmp_path/'two')[0])
+    one = _by_step(tmp_path/'one', 'g_loss')
+    _same(one, _by_step(tmp_path/'two', 'g_loss'))
+    shutil.copytree(tmp_path/'two'/'checkpoints'/'step_000002', tmp_path/'mix'/'checkpoints'/'step_000002')
+    _cli('teacher', _teacher_args(synth, tmp_path/'mix', resume='true'))
+    assert _starts(tmp_path/'mix')[-1]['num_processes'] == 1
+    _same({k: v for k, v in one.items() if k > 2}, _by_step(tmp_path/'mix', 'g_loss'))
+
+def test_dmd_fsdp2_matches_unsharded(synth, tmp_path):
+    """DMD's three networks (frozen real score sharded too) with samples during training. Its noise is keyed by process
+    (dmd.keyed_rng), so the reference is the unsharded 2-process run with the same global batch, not 1 process."""
+    a = lambda out, **kw: {**_dmd_args(synth, out), 'max_steps': 4, 'sample_every': 2, **kw}
+    _cli('dmd', a(tmp_path/'ddp'), procs=2)
+    _cli('dmd', a(tmp_path/'fsdp', shard='fsdp2'), procs=2)
+    _check_sharded(_starts(tmp_path/'fsdp')[0])
+    for k in ('g_loss', 'fake_loss'): _same(_by_step(tmp_path/'ddp', k), _by_step(tmp_path/'fsdp', k))
+    assert sorted(p.name for p in (tmp_path/'fsdp'/'samples').glob('*.mp4')) == ['train_step000002_0.mp4', 'train_step000004_0.mp4']
+
+def test_adv_fsdp2_matches_unsharded(synth, tmp_path):
+    "Two adversarial phases (3 -> 2 steps), discriminator and frozen reference sharded; reference: unsharded 2 processes."
+    a = lambda out, **kw: {**_adv_args(synth, out), 'phase_iters': '2,2', **kw}
+    _cli('adv', a(tmp_path/'ddp'), procs=2)
+    _cli('adv', a(tmp_path/'fsdp', shard='fsdp2'), procs=2)
+    for ph in ('3', '2'):
+        _check_sharded(_starts(tmp_path/'fsdp', ph)[0])
+        for k in ('g_loss', 'd_loss'): _same(_by_step(tmp_path/'ddp', k, ph), _by_step(tmp_path/'fsdp', k, ph))

@@ -89,7 +89,7 @@ def main(argv=None):
     if not a.plan: print(f'== SynthTalk benchmark -> {DATA}'); make_data()
     for i, (name, nb, run, params, files, outs, threads, about) in enumerate(STEPS, 1):
         run, eff = Path(run), effective(nb, params)
-        status, why = job_status(run, eff, files, outs)   # a missing input: an upstream step has not made its output yet
+        status, why = job_status(run, eff, files, outs, nb)   # a missing input: an upstream step has not made its output yet
         forced = 'all' in redo or name in redo or (name == 'teacher' and train_teacher)
         if name in adopt and status == 'new' and not (run/STAMP).exists() and all((run/o).exists() for o in outs):
             cfg = json.loads((run/'config.json').read_text()).get('config', {}) if (run/'config.json').exists() else {}

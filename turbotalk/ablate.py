@@ -11,13 +11,13 @@ from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
 
 # %% auto #0
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
-           'param_value', 'effective', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env', 'run_notebook',
-           'run_job', 'main_runs', 'main_params', 'Study', 'run_name', 'Point', 'grid', 'distinct', 'select', 'Claim',
-           'Optimum', 'iterations', 'nb_duration', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid',
-           'read_run', 'records', 'mean_std', 'better', 'overall', 'interior_optimum', 'values', 'fmt', 'judge',
-           'claims_md', 'students', 'baselines', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality',
-           'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md',
-           'main']
+           'param_value', 'effective', 'same_here', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env',
+           'run_notebook', 'run_job', 'main_runs', 'main_params', 'Study', 'run_name', 'Point', 'grid', 'distinct',
+           'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'rates', 'estimate', 'plan', 'rates_text',
+           'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better', 'overall', 'interior_optimum',
+           'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md', 'study_md', 'others_md', 'runs_md',
+           'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect',
+           'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -42,9 +42,24 @@ def effective(nb, params:dict) -> dict:
     return _defaults(str(nb), Path(nb).stat().st_mtime) | {k: param_value(v) for k, v in params.items()}
 
 # %% ../nbs/07_ablate.ipynb #c010
-def job_status(run, eff:dict, files=(), outputs=()) -> tuple:
-    "core.run_status (('done' | 'resume' | 'new', why)); a missing input file (an upstream job not made yet) is 'new'."
-    try: return run_status(run, eff, files, outputs)
+def _device(cpu, cuda:bool) -> str: return 'cuda' if cuda and not cpu else 'cpu'
+def _precision(mp, cuda:bool) -> str: return ('bf16' if cuda else 'no') if mp in (None, 'auto') else mp
+
+def same_here(defaults:dict|None=None, cuda:bool|None=None):
+    "run_status's parameter test: equal values, or values that run the same way on this machine: `cpu` and `mixed_precision` as they resolve here (02a_stage: 'auto' is bf16 on CUDA, none on the CPU), and a parameter the record lacks at the notebook's default (a knob added later defaults to the behaviour from before it)."
+    if cuda is None: import torch; cuda = torch.cuda.is_available()
+    def same(k, old, new):
+        o, n = (None if old is None else param_value(old)), param_value(new)
+        if k == 'cpu': return _device(o, cuda) == _device(n, cuda)
+        if k == 'mixed_precision': return _precision(o, cuda) == _precision(n, cuda)
+        if old is None and defaults is not None and k in defaults: return n == defaults[k]
+        return old == new
+    return same
+
+def job_status(run, eff:dict, files=(), outputs=(), nb=None) -> tuple:
+    "core.run_status (('done' | 'resume' | 'new', why)) with `same_here` (the defaults of notebook `nb`); a missing input file (an upstream job not made yet) is 'new'."
+    d = _defaults(str(nb), Path(nb).stat().st_mtime) if nb else None
+    try: return run_status(run, eff, files, outputs, same=same_here(d))
     except FileNotFoundError as e: return 'new', str(e)
 
 def set_aside(run:Path):
@@ -254,7 +269,7 @@ def plan(points:list, skip=()) -> list:
     "One row per run of the grid: its studies, status (done / resume / new), why, main job or not, estimated seconds left."
     rs, rows = rates(points), []
     for run, ps in distinct(points).items():
-        p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs); main = run in skip
+        p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs, p.nb); main = run in skip
         rows.append(dict(run=run, studies=sorted({q.study for q in ps}), status=st, why=why, main=main,
                          est_s=None if st == 'done' or main else estimate(p, rs)))
     return rows
@@ -287,7 +302,7 @@ def run_grid(points:list, skip=(), threads:int=0, log=print) -> dict:
     "Make every run of the points that is not done (new: fresh; unfinished: resumed), never those in `skip`; {run: outcome}."
     out = {}
     for run, ps in distinct(points).items():
-        p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs)
+        p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs, p.nb)
         if run in skip or st == 'done':
             out[run] = f'main job: {st}' if run in skip else 'done'
             if run in skip and st != 'done': log(f'== {run}: made by the main job (make demo), {st}: {why}')
@@ -331,7 +346,7 @@ def records(points:list) -> list:
     "One record per grid point: its study, variant and seed, its run's state (done / stale / unfinished / not run) and read_run."
     out = []
     for run, ps in distinct(points).items():
-        st, why = job_status(run, ps[0].eff, ps[0].files, ps[0].outputs); r = read_run(run, ps[0].nb)
+        st, why = job_status(run, ps[0].eff, ps[0].files, ps[0].outputs, ps[0].nb); r = read_run(run, ps[0].nb)
         state = 'not run' if not r['own'] else dict(done='done', resume='unfinished').get(st, 'stale')
         out += [dict(study=q.study, label=q.label, knobs=q.knobs, seed=q.seed, run=run, row=q.row, state=state, why=why, **r) for q in ps]
     return out

@@ -142,13 +142,14 @@ def run_inputs(params:dict, files=()) -> dict:
     if miss: raise FileNotFoundError(f'inputs of the job are missing: {", ".join(miss)}')
     return dict(params={k: str(v) for k, v in sorted(params.items())}, files={str(f): file_sha256(f) for f in sorted(map(str, files))})
 
-def run_status(run, params:dict, files=(), outputs=()) -> tuple:
+def run_status(run, params:dict, files=(), outputs=(),
+               same=None) -> tuple:   # same(name, recorded, now) -> bool for recorded parameter strings (None: equal strings); recorded is None if absent
     "('done' | 'resume' | 'new', why): done when `run` holds every output and its finished inputs.json matches; resume when it matches but unfinished."
-    run, new = Path(run), run_inputs(params, files)
+    run, new = Path(run), run_inputs(params, files); same = same or (lambda k, a, b: a == b)
     try: old = json.loads((run/STAMP).read_text())
     except FileNotFoundError: return 'new', f'no {STAMP}'
     except ValueError: return 'new', f'{STAMP} is unreadable'
-    diff = [f'parameter {k}: {old["params"].get(k)!r} -> {v!r}' for k, v in new['params'].items() if old.get('params', {}).get(k) != v]
+    diff = [f'parameter {k}: {old["params"].get(k)!r} -> {v!r}' for k, v in new['params'].items() if not same(k, old.get('params', {}).get(k), v)]
     diff += [f'parameter {k} dropped' for k in old.get('params', {}) if k not in new['params']]
     diff += [f'input {f} changed' for f, h in new['files'].items() if old.get('files', {}).get(f) != h]
     diff += [f'input {f} dropped' for f in old.get('files', {}) if f not in new['files']]

@@ -5,7 +5,7 @@ the same measurement on a real CPU model; the plan's arithmetic (sharding, check
 through Accelerate's own loader and launch validation; a real 2-process launch with cpu_2proc.yaml; the CLI; and the
 committed plan (papermill_runs/scale) recomputed from its own measurements.
 """
-import csv, json, os, socket, subprocess, sys, textwrap
+import csv, json, os, re, socket, subprocess, sys, textwrap
 from pathlib import Path
 from unittest import mock
 import pytest, torch
@@ -172,7 +172,8 @@ def test_cpu_2proc_config_really_launches_two_processes(tmp_path):
                         '--main_process_port', str(port), str(tmp_path/'s.py')], cwd=ROOT, env=env | {'OMP_NUM_THREADS': '1'},
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = sorted((json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')), key=lambda d: d['rank'])
+    # the two processes share one pipe: a record can land on the other's line, so read every {...} wherever it is
+    recs = sorted((json.loads(m) for m in re.findall(r'\{[^{}]*\}', r.stdout)), key=lambda d: d['rank'])
     assert recs == [dict(rank=0, n=2, sum=3.0, mp='no'), dict(rank=1, n=2, sum=3.0, mp='no')]
 
 

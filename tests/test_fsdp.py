@@ -4,7 +4,7 @@ process really holds about half of the weights, and checkpoints (full state dict
 
 Tolerances: sharding changes only where the gradient average happens (a reduce-scatter instead of our all-reduce) and how
 the norm for clipping is summed, so the losses agree to float32 summation-order noise: rtol 1e-5 (measured: 0 to 3e-7)."""
-import json, os, shutil, socket, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 
@@ -14,16 +14,8 @@ from turbotalk.core import load_weights
 from test_stage import _train, _losses          # the toy launcher (tests/_toy_train.py)
 from test_adv import synth, _tiny as _adv_args  # a tiny SynthTalk folder, a random tiny teacher and Stage-1 run
 from test_dmd import _tiny as _dmd_args
+from test_teacher import _env, _port   # the launch environment and a free port, as test_teacher's 2-process test uses
 
-
-def _env():
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'ACCELERATE_USE_CPU': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg',
-           'PYTHONPATH': f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    for k in ['WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT']: env.pop(k, None)
-    return env
-
-def _port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 def _cli(module:str, args:dict, procs:int=1):
     "python -m turbotalk.<module> --k v ... on `procs` CPU processes."

@@ -355,7 +355,8 @@ def evaluate_teacher(run_dir,          # a teacher run (config.json, weights/)
                      n:int|None=None,  # test clips (default: the run's n_eval)
                      bs:int=16,        # clips per generation batch
                      probes=None,      # metrics probes (default: the shipped ones)
-                     n_show:int=4      # test clips written as mp4 + grid
+                     n_show:int=4,     # test clips written as mp4 + grid
+                     swapped:bool=True # also the control driven by another clip's audio (a second full generation)
                     ) -> dict:
     "Score the EMA teacher on the test split (+ the two audio controls, + ground truth); update results.json."
     import time
@@ -365,7 +366,8 @@ def evaluate_teacher(run_dir,          # a teacher run (config.json, weights/)
     row = _eval_row(evaluate, teacher_generator(model, cfg, cache, info), cfg, n, bs, probes, 'teacher')
     gen_s = time.time() - t0
     rows = [row, _eval_row(evaluate, shuffled_control(cache), cfg, n, bs, probes, 'teacher, shuffled audio'),
-            _eval_row(evaluate, swapped_audio_generator(model, cfg), cfg, n, bs, probes, "teacher driven by another clip's audio"),
+            *([_eval_row(evaluate, swapped_audio_generator(model, cfg), cfg, n, bs, probes, "teacher driven by another clip's audio")]
+              if swapped else []),
             _eval_row(evaluate, None, cfg, n, bs, probes, 'ground truth')]
     _show_test(run, cfg, cache, n_show)
     return run.update_results(rows=rows, eval=dict(n_clips=len(cache), n_frames=48, chunk=cfg.n_frames, steps=cfg.steps,

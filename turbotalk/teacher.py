@@ -20,11 +20,12 @@ from .media import write_mp4, side_by_side, save_grid, to_uint8
 from .synthtalk import check_synthtalk
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys', 'draw', 'drop_flags',
-           'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data', 'teacher_features',
-           'teacher_aug', 'sample_hook', 'build_teacher', 'train_teacher', 'load_config', 'load_teacher',
-           'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher', 'voice_eval_loop',
-           'robustness_eval', 'cli_parser', 'main', 'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'SEED_METRICS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys', 'draw',
+           'drop_flags', 'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data',
+           'teacher_features', 'teacher_aug', 'sample_hook', 'build_teacher', 'train_teacher', 'load_config',
+           'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher',
+           'voice_eval_loop', 'robustness_eval', 'recipe_of', 'seed_study', 'seed_table', 'cli_parser', 'main',
+           'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -430,6 +431,45 @@ def robustness_eval(run_dir, n:int=12, n_frames:int=48, probes=None, n_show:int=
         return v
     rec = voice_eval_loop(gen, refs, P, n_frames, seed) | dict(steps=cfg.steps, guidance=[cfg.s_ref, cfg.s_audio])
     run.update_results(robustness=rec); return rec
+
+# %% ../nbs/02b_teacher.ipynb #c048f
+SEED_METRICS = ('sync_corr', 'fid_st', 'fvd_st', 'fid_st_face')   # the teacher-v2 bar's metrics
+_HIGHER = {'sync_corr'}                                             # higher is better; the distances: lower
+
+def recipe_of(run) -> str:
+    "A run folder's recipe: its name without the `_seed<k>` suffix."
+    import re
+    return re.sub(r'_seed\d+$', '', Path(run).name)
+
+def seed_study(runs, metrics=SEED_METRICS, row:str='teacher') -> dict:
+    "{recipe: {'seeds': [...], metric: [value per seed]}} from the `row` of every run's results.json (runs without it skipped)."
+    out = {}
+    for r in sorted(map(Path, runs)):
+        res = RunDir(r).results() if (Path(r)/'results.json').is_file() else {}
+        hit = [x for x in res.get('rows', []) if x.get('name') == row]
+        if not hit: continue
+        cfg = json.loads((Path(r)/'config.json').read_text()).get('config', {}) if (Path(r)/'config.json').is_file() else {}
+        d = out.setdefault(recipe_of(r), {'seeds': []}); d['seeds'].append(cfg.get('seed'))
+        for m in metrics: d.setdefault(m, []).append(hit[0].get(m))
+    return out
+
+def seed_table(study:dict, ref:str, metrics=SEED_METRICS, names:dict|None=None) -> str:
+    "Markdown: mean ± std (n) per recipe and metric, the ratio of means to `ref`, and whether the difference exceeds the seed spread."
+    from turbotalk.ablate import better, mean_std
+    names = names or {}
+    head = ['recipe', 'seeds', *metrics]
+    t = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for rec, d in sorted(study.items(), key=lambda kv: kv[0] != ref):   # the reference first
+        cells = [names.get(rec, rec), ', '.join(map(str, d['seeds']))]
+        for m in metrics:
+            mu, sd, n = mean_std(d[m]); c = f'{mu:.3f}' + (f' ± {sd:.3f}' if n > 1 else '')
+            if rec != ref and ref in study:
+                verdict, diff, se2 = better(d[m], study[ref][m], 1 if m in _HIGHER else -1)
+                c += ('' if m in _HIGHER else f' ({mu / mean_std(study[ref][m])[0]:.2f}x)') + \
+                     {'holds': ', better', 'does not hold': ', worse', 'within noise': ', within seed spread'}.get(verdict, '')
+            cells.append(c)
+        t.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(t)
 
 # %% ../nbs/02b_teacher.ipynb #c050
 def cli_parser() -> argparse.ArgumentParser:

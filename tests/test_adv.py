@@ -145,7 +145,7 @@ def tiny():
     from turbotalk.model import TalkingDiT
     from turbotalk.teacher import Denoiser
     torch.manual_seed(0); S0 = Denoiser(TalkingDiT.from_preset('tiny', latent_channels=12)).eval()
-    b = dict(ref=torch.rand(2, 3, 16, 16) * 2 - 1, a=torch.randn(2, 4, 3, 8), x=torch.rand(2, 4, 3, 16, 16) * 2 - 1)
+    b = dict(ref=torch.rand(2, 3, 16, 16) * 2 - 1, a=torch.randn(2, 4, 3, 8), x=torch.rand(2, 4, 3, 16, 16) * 2 - 1, i=torch.arange(2))   # i keys the draws
     def new(cfg, sig='1,0.5', old=(1., .666667, .333333), prev=True):
         return AdvMethod(deepcopy(S0).requires_grad_(True), deepcopy(S0), deepcopy(S0) if prev else None, sig, old, L4, cfg)
     return new, b

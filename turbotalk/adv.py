@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_adv_distill.ipynb #c002
 from __future__ import annotations
-import json, math, os, shlex, shutil, time, zlib
+import json, math, os, shlex, shutil, time
 from copy import deepcopy
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
-from .model import PixelCodec, add_noise, shift_sigma, sample
+from .model import PixelCodec, add_noise, shift_sigma, sample, per_sample
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state, read_config
 from .stage import complete_ckpts, ckpt_root, last_ckpt
 from .data import TalkingHeadDataset
@@ -21,9 +21,10 @@ from .sampling import step_list, generate, few_step_generator, eval_clips, write
 from .media import save_grid
 from .synthtalk import check_synthtalk
 from .teacher import SHIPPED_TEACHER
+from .dmd import sample_rngs
 
 # %% auto #0
-__all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'keyed_rng', 'shared_rng', 'phase_sigmas',
+__all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'phase_rngs', 'shared_rng', 'phase_sigmas',
            'schedules', 'iteration_sigmas', 'DiscHead', 'head_blocks', 'disc_logits', 'r3gan_d', 'r3gan_g', 'hinge_d',
            'hinge_g', 'ns_d', 'ns_g', 'self_compare', 'fd_penalty', 'AdvConfig', 'AdvMethod', 'need_student',
            'load_upstream', 'adv_dataset', 'build_phase', 'plot_phase', 'ShowAdv', 'phase_hook', 'phase_plan',
@@ -31,12 +32,9 @@ __all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_
            'adv_checks', 'adv_table', 'speed_compare', 'main', 'papermill_cmd']
 
 # %% ../nbs/04_adv_distill.ipynb #c005
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-def keyed_rng(seed:int, n:int, step:int, tag:str) -> torch.Generator:
-    "A CPU generator for one purpose of one iteration of phase n on this process."
-    return torch.Generator().manual_seed(zlib.crc32(f'{seed}:{n}:{step}:{_rank()}:{tag}'.encode()))
+def phase_rngs(batch:dict, seed:int, n:int, step:int, tag:str) -> list:
+    "One CPU generator per sample for one purpose of one iteration of phase n, keyed by the sample (dmd.sample_rngs), not the process."
+    return sample_rngs(batch, step, f'phase{n}:{tag}', seed)
 
 def shared_rng(seed:int, n:int, step:int) -> torch.Generator:
     "The generator of the choices all processes share at one iteration of phase n (stage.step_rng)."
@@ -222,8 +220,8 @@ def cond(self:AdvMethod, batch:dict, x:torch.Tensor, ctx:bool) -> dict:
     return c | dict(ctx=x[:, :, :self.cfg.n_ctx]) if ctx else c
 
 @patch
-def rollout(self:AdvMethod, model, cond:dict, noise, sigmas:list, g, grad:bool=False) -> torch.Tensor:
-    "An x0-step sample along `sigmas` from `noise` (gradient through the last evaluation only); context frames copied in."
+def rollout(self:AdvMethod, model, cond:dict, noise, sigmas:list, g:list, grad:bool=False) -> torch.Tensor:
+    "An x0-step sample along `sigmas` from `noise` (g: a generator per sample; gradient through the last evaluation only); context frames copied in."
     x, _ = sample(model, noise, cond, sigmas, mode='x0', grad='last' if grad else 'none', generator=g)
     ctx = cond.get('ctx')
     return x if ctx is None else torch.cat([ctx, x[:, :, ctx.shape[2]:]], 2)
@@ -232,21 +230,21 @@ def rollout(self:AdvMethod, model, cond:dict, noise, sigmas:list, g, grad:bool=F
 def samples(self:AdvMethod, batch:dict, step:int, grad:bool=False) -> dict:
     "Real latent x, the student's sample xn and the reference's x4 of an iteration, with their conditions and step list."
     x = self.codec.encode(batch['x']); sig, ctx = self.plan(step); c = self.cond(batch, x, ctx)
-    rng = lambda tag: keyed_rng(self.cfg.seed, self.n, step, tag)
-    noise = torch.randn(x.shape, generator=rng('noise')).to(x)
+    rng = lambda tag: phase_rngs(batch, self.cfg.seed, self.n, step, tag)
+    noise = per_sample(rng('noise'), x.shape[1:]).to(x)
     xn, x4 = self.rollout(self.student, c, noise, sig, rng('student'), grad), None
     if self.prev is not None:
-        n4 = noise if self.cfg.sc_pairing == 'paired' else torch.randn(x.shape, generator=rng('ref_noise')).to(x)
+        n4 = noise if self.cfg.sc_pairing == 'paired' else per_sample(rng('ref_noise'), x.shape[1:]).to(x)
         with torch.no_grad(): x4 = self.rollout(self.prev, c, n4, self.prev_sigmas, rng('ref'))
     return dict(x=x, xn=xn, x4=x4, c=c, sig=sig, ctx=ctx)
 
 # %% ../nbs/04_adv_distill.ipynb #c027
 @patch
-def d_noise(self:AdvMethod, x:torch.Tensor, step:int) -> tuple:
+def d_noise(self:AdvMethod, batch:dict, x:torch.Tensor, step:int) -> tuple:
     "D's re-noising at an iteration: levels t (B,), uniform in [d_t_min, d_t_max] then shifted, and noise eps (shared by all D inputs)."
-    g, lo, hi = keyed_rng(self.cfg.seed, self.n, step, 'd'), self.cfg.d_t_min, self.cfg.d_t_max
-    t = shift_sigma(lo + (hi - lo) * torch.rand(len(x), generator=g), self.shift).to(x.device)
-    return t, torch.randn(x.shape, generator=g).to(x)
+    g, lo, hi = phase_rngs(batch, self.cfg.seed, self.n, step, 'd'), self.cfg.d_t_min, self.cfg.d_t_max
+    t = shift_sigma(lo + (hi - lo) * per_sample(g, fn=torch.rand), self.shift).to(x.device)
+    return t, per_sample(g, x.shape[1:]).to(x)
 
 @patch
 def logits(self:AdvMethod, xs:list, cond:dict, t, eps) -> list:
@@ -260,7 +258,7 @@ def _motion(x:torch.Tensor) -> torch.Tensor: return x.float().std(2).mean()   # 
 @patch
 def g_loss(self:AdvMethod, batch:dict, step:int):
     cfg, s = self.cfg, self.samples(batch, step, grad=True)
-    t, eps = self.d_noise(s['x'], step)
+    t, eps = self.d_noise(batch, s['x'], step)
     lf = self.logits([s['xn']], s['c'], t, eps)[0]                                  # D(x_N): the gradient to the student
     with torch.no_grad(): lr, *l4 = self.logits([s['x']] + ([s['x4']] if s['x4'] is not None else []), s['c'], t, eps)
     loss = adv = GAN_LOSSES[cfg.loss][1](lr, lf)
@@ -282,12 +280,12 @@ def d_loss(self:AdvMethod, batch:dict, step:int):
     else:
         with torch.no_grad(): s = self.samples(batch, step)
     self._cache = None
-    t, eps = self.d_noise(s['x'], step)
+    t, eps = self.d_noise(batch, s['x'], step)
     xs = [s['x'], s['xn']] + ([s['x4']] if s['x4'] is not None and (cfg.r2 > 0 or cfg.sc_d > 0) else [])
     k, pen = len(xs), cfg.r1 > 0 or cfg.r2 > 0
     if pen:                                                                          # approximate R1 / R2: perturbed copies
-        g = keyed_rng(cfg.seed, self.n, step, 'pen')
-        xs += [v + cfg.pen_sigma * torch.randn(v.shape, generator=g).to(v) for v in xs]
+        g = phase_rngs(batch, cfg.seed, self.n, step, 'pen')
+        xs += [v + cfg.pen_sigma * per_sample(g, v.shape[1:]).to(v) for v in xs]
     ls = self.logits(xs, s['c'], t, eps); lr, lf = ls[0], ls[1]
     loss = adv = GAN_LOSSES[cfg.loss][0](lr, lf)
     logs = dict(adv_d=adv.detach(), d_gap=(lr - lf).mean().detach(), d_acc=(lr > lf).float().mean())
@@ -298,7 +296,7 @@ def d_loss(self:AdvMethod, batch:dict, step:int):
     if k == 3 and cfg.sc_d > 0:                                                      # optional: D also ranks reference > student
         scd = F.softplus(lf - ls[2]).mean(); loss, logs['sc_d'] = loss + cfg.sc_d * scd, scd.detach()
     if cfg.d_mismatch > 0 and len(lr) > 1:                                         # optional: real video, another clip's audio
-        c = s['c'] | dict(a=s['c']['a'].roll(1, 0))                                 # is a fake: D has to look at lip sync
+        c = s['c'] | dict(a=s['c']['a'].roll(1, 0))                                 # is a fake: D has to look at lip sync (rolled within this process's slice)
         lm = self.logits([s['x']], c, t, eps)[0]
         mis = GAN_LOSSES[cfg.loss][0](lr, lm); loss = loss + cfg.d_mismatch * mis
         logs |= dict(d_mis=mis.detach(), gap_real_mis=(lr - lm).mean().detach())

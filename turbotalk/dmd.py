@@ -13,27 +13,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
-from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas
+from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas, per_sample
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
 from .synthtalk import check_synthtalk
-from .teacher import SHIPPED_TEACHER
+from .teacher import SHIPPED_TEACHER, sample_keys
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'keyed_rng', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs',
+__all__ = ['LOSS_KEYS', 'sample_rngs', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs',
            'ode_pairs', 'RegressMethod', 'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config',
            'load_student', 'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table',
            'main', 'papermill_cmd']
 
 # %% ../nbs/03_dmd.ipynb #c005
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-
-def keyed_rng(seed:int, step:int, tag:str) -> torch.Generator:
-    "A CPU generator for one purpose of one iteration on this process."
-    return torch.Generator().manual_seed(zlib.crc32(f'{seed}:{step}:{_rank()}:{tag}'.encode()))
+def sample_rngs(batch:dict, step:int, tag:str, seed:int=0) -> list:
+    "One CPU generator per sample for one purpose of one iteration, keyed by the sample (its index `i`, else teacher.sample_keys), never by the process."
+    keys = [f'{seed}:{step}:i{int(i)}' for i in batch['i']] if 'i' in batch else sample_keys(batch, step, seed)
+    return [torch.Generator().manual_seed(zlib.crc32(f'{k}:{tag}'.encode())) for k in keys]
 
 def pick_step(n:int, step:int, seed:int=0) -> int:
     "The generator step k in 1..n trained at this iteration (the same on every process)."
@@ -69,10 +67,9 @@ class DMDMethod(Method):
         "The teacher's conditions of a batch: reference latent (B, C, 1, h, w) and raw audio windows."
         return dict(ref=self.codec.encode(batch['ref'][:, None]), a=batch['a'])
 
-    def rollout(self, cond:dict, shape:tuple, k:int, g:torch.Generator, grad:bool=False) -> torch.Tensor:
-        "Backward simulation: the clean prediction at step k (1-based) of the step list, from fresh noise."
-        dev = cond['ref'].device
-        noise = torch.randn(shape, generator=g).to(dev)
+    def rollout(self, cond:dict, shape:tuple, k:int, g:list, grad:bool=False) -> torch.Tensor:
+        "Backward simulation: the clean prediction at step k (1-based) of the step list, from fresh noise (g: a generator per sample)."
+        noise = per_sample(g, shape[1:]).to(cond['ref'].device)
         x, _ = sample(self.student, noise, cond, self.sigmas[:k], mode='x0', grad='last' if grad else 'none', generator=g)
         return x
 
@@ -80,17 +77,17 @@ class DMDMethod(Method):
 def _motion(x:torch.Tensor) -> torch.Tensor: return x.float().std(2).mean()   # spread over frames of (B, C, T, h, w)
 
 @patch
-def _levels(self:DMDMethod, n:int, g, dev, lo=0., hi=1.) -> torch.Tensor:
-    "n noise levels: uniform in [lo, hi], shifted."
-    return shift_sigma(lo + (hi - lo) * torch.rand(n, generator=g), self.shift).to(dev)
+def _levels(self:DMDMethod, g:list, dev, lo=0., hi=1.) -> torch.Tensor:
+    "A noise level per sample (one per generator): uniform in [lo, hi], shifted."
+    return shift_sigma(lo + (hi - lo) * per_sample(g, fn=torch.rand), self.shift).to(dev)
 
 @patch
 def g_loss(self:DMDMethod, batch:dict, step:int):
-    x = self.codec.encode(batch['x']); c = self.cond(batch); B = x.shape[0]
-    k, g = pick_step(len(self.sigmas), step, self.seed), keyed_rng(self.seed, step, 'g')
+    x = self.codec.encode(batch['x']); c = self.cond(batch)
+    k, g = pick_step(len(self.sigmas), step, self.seed), sample_rngs(batch, step, 'g', self.seed)
     xh = self.rollout(c, x.shape, k, g, grad=True)
-    t = self._levels(B, g, x.device, *self.t_range)
-    eps = torch.randn(x.shape, generator=g).to(x)
+    t = self._levels(g, x.device, *self.t_range)
+    eps = per_sample(g, x.shape[1:]).to(x)
     xt = add_noise(xh.detach(), eps, t)
     with torch.no_grad():
         x0r = x0_from_v(xt, t, cfg_velocity(self.teacher, xt, t, c, self.guidance)[0]).float()
@@ -110,21 +107,21 @@ def g_loss(self:DMDMethod, batch:dict, step:int):
 # %% ../nbs/03_dmd.ipynb #c013
 @patch
 def d_loss(self:DMDMethod, batch:dict, step:int):
-    g = keyed_rng(self.seed, step, 'd')
+    g = sample_rngs(batch, step, 'd', self.seed)
     if self._cache is not None and self._cache[0] == step: _, xh, c = self._cache
     else:
         c, x = self.cond(batch), self.codec.encode(batch['x'])
-        with torch.no_grad(): xh = self.rollout(c, x.shape, int(torch.randint(1, len(self.sigmas) + 1, (1,), generator=g)), g)
+        with torch.no_grad(): xh = self.rollout(c, x.shape, pick_step(len(self.sigmas), step, self.seed), g)
     self._cache = None
-    B = xh.shape[0]; t = self._levels(B, g, xh.device); eps = torch.randn(xh.shape, generator=g).to(xh)
+    t = self._levels(g, xh.device); eps = per_sample(g, xh.shape[1:]).to(xh)
     xt = add_noise(xh, eps, t)
     out = self.fake(xt, t, **c, return_features=[self.gan_layer] if self.gan_weight > 0 else None)
     v = out[0] if isinstance(out, tuple) else out
     err = (x0_from_v(xt, t, v) - xh if self.fake_loss == 'x0' else v - v_target(xh, eps)).float()
     loss = err.pow(2).mean(); logs = dict(fake_loss=loss.detach())
     if self.gan_weight > 0:
-        x = self.codec.encode(batch['x']); tr = self._levels(B, g, x.device)
-        fr = self.fake(add_noise(x, torch.randn(x.shape, generator=g).to(x), tr), tr, **c, return_features=[self.gan_layer], features_only=True)[0]
+        x = self.codec.encode(batch['x']); tr = self._levels(g, x.device)
+        fr = self.fake(add_noise(x, per_sample(g, x.shape[1:]).to(x), tr), tr, **c, return_features=[self.gan_layer], features_only=True)[0]
         lf, lr = (self.head(f.float().mean((2, 3))).mean((1, 2)) for f in (out[1][0], fr))
         adv = (F.softplus(lf) + F.softplus(-lr)).mean()
         loss, logs['gan_d'] = loss + self.gan_weight * adv, adv.detach()
@@ -208,10 +205,10 @@ def dmd_data(cfg:DMDConfig, tcfg) -> DataLoader:
 
 # %% ../nbs/03_dmd.ipynb #c022
 class Pairs(Dataset):
-    "Teacher ODE pairs: noise, target latent, reference latent, audio windows."
+    "Teacher ODE pairs: noise, target latent, reference latent, audio windows, and the index `i` that keys a pair's draws."
     def __init__(self, d:dict): self.d = d
     def __len__(self): return len(self.d['noise'])
-    def __getitem__(self, i): return {k: v[i] for k, v in self.d.items()}
+    def __getitem__(self, i): return {k: v[i] for k, v in self.d.items()} | dict(i=i)
 
 @torch.no_grad()
 def ode_pairs(teacher, tcfg, ds, n:int, seed:int=0, bs:int=8, codec=None) -> dict:
@@ -232,7 +229,7 @@ class RegressMethod(Method):
     def __init__(self, student, sigmas, seed:int=0): super().__init__(); self.student, self.sigmas, self.seed = student, step_list(sigmas), seed
     def g_loss(self, b:dict, step:int):
         k = pick_step(len(self.sigmas), step, self.seed); s = self.sigmas[k - 1]; y = b['target']
-        x = b['noise'] if k == 1 else add_noise(y, torch.randn(y.shape, generator=keyed_rng(self.seed, step, 'w')).to(y), s)
+        x = b['noise'] if k == 1 else add_noise(y, per_sample(sample_rngs(b, step, 'w', self.seed), y.shape[1:]).to(y), s)
         x0 = x0_from_v(x, s, self.student(x, torch.full((len(x),), s, device=x.device), ref=b['ref'], a=b['a']))
         return F.mse_loss(x0.float(), y.float()), dict(k=float(k))
 

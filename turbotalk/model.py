@@ -18,7 +18,7 @@ from .core import TurboTalkError
 # %% auto #0
 __all__ = ['PRESETS', 'GUIDANCE', 'shift_sigma', 'add_noise', 'v_target', 'x0_from_v', 'sample_sigma', 'teacher_sigmas',
            'step_sigmas', 'PixelCodec', 'WanVAECodec', 'cond_channels', 'audio_index', 'video_frames', 'AudioProj',
-           'FrameAudioAttention', 'TalkingDiT', 'cfg_velocity', 'sample']
+           'FrameAudioAttention', 'TalkingDiT', 'cfg_velocity', 'per_sample', 'sample']
 
 # %% ../nbs/02_model.ipynb #c005
 def shift_sigma(s, k:float=5.0):
@@ -325,11 +325,16 @@ def cfg_velocity(model, x, s, cond=None,  # cond: dict(ref=, a=, ctx=, txt=) as 
     return v0 + s_ref * (vr - v0) + s_a * (vra - vr), 3
 
 # %% ../nbs/02_model.ipynb #c056
+def per_sample(gens:list, shape:tuple=(), fn=torch.randn, dtype=None) -> torch.Tensor:
+    "(len(gens), *shape) draws of `fn` (torch.randn or torch.rand), sample i from gens[i]: any split of the batch draws the same."
+    return torch.stack([fn(tuple(shape), generator=g, device=g.device, dtype=dtype) for g in gens])
+
 def _step(x, v, s, s_next, mode, generator):
     "One sampler step from level s to s_next given the velocity v."
     if mode == 'euler': return x + (s_next - s) * v
     x0 = x - s * v
     if s_next == 0: return x0
+    if isinstance(generator, (list, tuple)): return add_noise(x0, per_sample(generator, x.shape[1:], dtype=x.dtype).to(x.device), s_next)
     dev = generator.device if generator is not None else x.device   # a CPU generator draws on the CPU (then moves): same noise on any device
     return add_noise(x0, torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device), s_next)
 
@@ -338,7 +343,7 @@ def sample(model, noise, cond=None, sigmas=None, # levels s_0 > s_1 > ... (termi
            guidance=None,       # None, (s_ref, s_audio) for 3-way CFG, or a number for 2-pass CFG
            mode:str='euler',    # 'euler' (teacher ODE) or 'x0' (student: predict x0, re-noise)
            grad:str='none',     # 'none', 'last' (gradient through the final evaluation only) or 'all'
-           generator=None):     # torch.Generator for the fresh noise of 'x0' steps
+           generator=None):     # torch.Generator for the fresh noise of 'x0' steps, or a list of one per sample
     "Sample from `noise` along `sigmas`; returns (x, info) with info: nfe, steps, x_last, s_last."
     if mode not in ('euler', 'x0'): raise ValueError(f"mode must be 'euler' or 'x0', got {mode!r}")
     if grad not in ('none', 'last', 'all'): raise ValueError(f"grad must be 'none', 'last' or 'all', got {grad!r}")

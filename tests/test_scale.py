@@ -11,7 +11,7 @@ from unittest import mock
 import pytest, torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from turbotalk.model import TalkingDiT
-from turbotalk.scale import (CONFIGS, GPUS, NS, PARTS, SIZES, STEPS, FlashSDPA, build, configs_for, inputs, launch_args,
+from turbotalk.scale import (CKPTS, CONFIGS, GPUS, NS, PARTS, SIZES, STEPS, FlashSDPA, build, configs_for, inputs, launch_args,
                              measure, min_gpus, nograd_peak, numel, param_counts, plan_rows, saved_bytes, set_ckpt,
                              stage_bytes, step_bytes, wan_latent, wan_reference)
 
@@ -58,7 +58,8 @@ def test_flash_route_and_checkpointing_keep_the_gradients():
     x = inputs(m, SIZES['tiny'], 2, device='cpu', dtype=torch.float32)
     g = _loss_grads(m, x)
     torch.testing.assert_close(_loss_grads(m, x, FlashSDPA()), g, atol=1e-5, rtol=1e-4)
-    for mode in ('blocks', 'all'): torch.testing.assert_close(_loss_grads(set_ckpt(m, mode), x), g, atol=1e-5, rtol=1e-4)
+    for mode in ('wan-blocks-only', 'grad-ckpt'): torch.testing.assert_close(_loss_grads(set_ckpt(m, mode), x), g, atol=1e-5, rtol=1e-4)
+    assert '_unit' not in vars(set_ckpt(m, 'grad-ckpt')) and m.gradient_checkpointing   # the plan's mode is the model's own switch
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_meta_measurement_equals_real_cpu_model(dtype):
@@ -66,7 +67,7 @@ def test_meta_measurement_equals_real_cpu_model(dtype):
     (like CUDA's) keeps float32: the audio projection's LayerNorm over B x T x n_tok = 2 x 3 x 2 rows makes the only difference."""
     torch.manual_seed(0); real = TalkingDiT.from_preset('tiny').to(dtype); meta = build('tiny', dtype=dtype)
     ln_stats = 0 if dtype == torch.float32 else 2 * (4 - 2) * 2 * 3 * 2               # (mean, rstd) x (fp32 - bf16) x rows
-    for ck in ('none', 'blocks', 'all'):
+    for ck in CKPTS:
         for grad in ('params', 'input'):
             a = saved_bytes(real, SIZES['tiny'], 2, ck, grad, device='cpu', dtype=dtype)
             b = saved_bytes(meta, SIZES['tiny'], 2, ck, grad, device='meta', dtype=dtype)
@@ -76,10 +77,21 @@ def test_meta_measurement_equals_real_cpu_model(dtype):
     assert nograd_peak(real, SIZES['tiny'], 3, device='cpu', dtype=dtype) == nograd_peak(meta, SIZES['tiny'], 3, dtype=dtype) > 0
 
 def test_measured_checkpointing_lowers_activations(tiny):
-    a = {k: tiny['act'][f'{k}/1/params']['saved'] for k in ('none', 'blocks', 'all')}
-    assert a['none'] > a['blocks'] > a['all'] > 0
+    a = {k: tiny['act'][f'{k}/1/params']['saved'] for k in CKPTS}
+    assert a['none'] > a['wan-blocks-only'] > a['grad-ckpt'] > 0
     assert tiny['act']['none/1/input']['saved'] < a['none']                        # a frozen net keeps fewer tensors
-    assert tiny['act']['all/6/params']['saved'] > 5 * tiny['act']['all/1/params']['saved']
+    assert tiny['act']['grad-ckpt/6/params']['saved'] > 5 * tiny['act']['grad-ckpt/1/params']['saved']
+
+def test_plan_measures_what_grad_ckpt_trains():
+    "The plan's 'grad-ckpt' is the switch StageConfig.grad_ckpt=True throws; under it no audio attention saves tensors of its own."
+    from turbotalk.stage import grad_ckpt
+    trained, planned = build('tiny', dtype=torch.float32), set_ckpt(build('tiny', dtype=torch.float32), 'grad-ckpt')
+    grad_ckpt(torch.nn.ModuleDict(dict(net=trained)))
+    assert trained.gradient_checkpointing and planned.gradient_checkpointing and '_unit' not in vars(planned)
+    per = {ck: saved_bytes(planned, SIZES['tiny'], 1, ck, dtype=torch.float32)['per_unit'] for ck in CKPTS}
+    audio = {ck: sum(v for k, v in p.items() if k.startswith('audio_attn.')) for ck, p in per.items()}
+    assert audio['none'] == audio['wan-blocks-only'] > 0 and audio['grad-ckpt'] == 0
+    assert not any(k.startswith('blocks.') for k in per['grad-ckpt'])
 
 
 # ---------------------------------------------------------------- the plan's arithmetic
@@ -94,17 +106,17 @@ def test_sharding_divides_states_not_activations(tiny, stage):
 
 def test_checkpointing_and_lora_lower_the_right_parts(tiny):
     for stage in STEPS:
-        acts = [stage_bytes(tiny, stage, _cfg(c), 1)[1]['activations'] for c in ('plain', 'ckpt-blocks', 'ckpt-all')]
+        acts = [stage_bytes(tiny, stage, _cfg(c), 1)[1]['activations'] for c in ('plain', 'ckpt-wan-blocks-only', 'grad-ckpt')]
         assert acts[0] > acts[1] > acts[2], (stage, acts)
     states = lambda b: b['params'] + b['grads'] + b['optim']
     for stage in ('dmd', 'adv'):
-        full, lora = (step_bytes(tiny, stage, list(STEPS[stage])[1], _cfg(c), 1) for c in ('ckpt-all', 'ckpt-all+lora'))
+        full, lora = (step_bytes(tiny, stage, list(STEPS[stage])[1], _cfg(c), 1) for c in ('grad-ckpt', 'grad-ckpt+lora'))
         assert states(lora) < states(full)                                            # trainable states shrink ...
         assert lora['frozen'] >= full['frozen'] and lora['activations'] == full['activations']   # ... the frozen base stays
-        off = step_bytes(tiny, stage, list(STEPS[stage])[1], _cfg('ckpt-all+lora+offload'), 1)
+        off = step_bytes(tiny, stage, list(STEPS[stage])[1], _cfg('grad-ckpt+lora+offload'), 1)
         assert off['frozen'] == 0
     c = tiny['counts']                                                                  # DMD's LoRA critic step, by hand
-    b = step_bytes(tiny, 'dmd', 'F', _cfg('ckpt-all+lora'), 1)
+    b = step_bytes(tiny, 'dmd', 'F', _cfg('grad-ckpt+lora'), 1)
     assert (b['grads'], b['frozen']) == (4 * c['lora'], 2 * c['total'])
 
 def test_min_gpus_is_the_first_count_that_fits(tiny):
@@ -184,7 +196,7 @@ def test_cli_writes_the_plan(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md, rows = (tmp_path/'memory_plan.md').read_text(), list(csv.DictReader(open(tmp_path/'memory_plan.csv')))
     assert md.startswith('# Memory plan') and '`python -m turbotalk.scale memory-plan --out' in md and '## Notes' in md
-    assert '| tiny | dmd | ckpt-all+lora | ' in md
+    assert '| tiny | dmd | grad-ckpt+lora | ' in md
     assert list(rows[0]) == ['size', 'stage', 'config', 'n_gpu', 'step', *PARTS, 'total']
     assert len(rows) == sum(len(configs_for(s)) for s in STEPS) * len(NS)
     measured = json.loads((tmp_path/'measured.json').read_text())

@@ -198,13 +198,18 @@ def _audio(self:TalkingDiT, a, xt, drop_a):
 
 # %% ../nbs/02_model.ipynb #c033
 @patch
+def _unit(self:TalkingDiT, i, h, txt, tproj, rope, aud):
+    "Wan block i, then the frame-aligned audio attention if i is a multiple of audio_every: one checkpointed unit."
+    h, k = self.blocks[i](h, txt, tproj, rope), self.config.audio_every
+    return h + self.audio_attn[i // k](h, aud) if i % k == 0 else h
+
+@patch
 def _blocks(self:TalkingDiT, h, txt, tproj, rope, aud, keep, stop=None):
-    "Wan blocks, every k-th followed by frame-aligned audio attention; returns h and the outputs of blocks in `keep`."
-    feats, k = [], self.config.audio_every
-    for i, blk in enumerate(self.blocks):
-        if torch.is_grad_enabled() and self.gradient_checkpointing: h = self._gradient_checkpointing_func(blk, h, txt, tproj, rope)
-        else: h = blk(h, txt, tproj, rope)
-        if i % k == 0: h = h + self.audio_attn[i // k](h, aud)
+    "The units in order, each checkpointed when gradient checkpointing is on; returns h and the outputs of units in `keep`."
+    feats, ckpt = [], torch.is_grad_enabled() and self.gradient_checkpointing
+    for i in range(len(self.blocks)):
+        args = (i, h, txt, tproj, rope, aud)
+        h = self._gradient_checkpointing_func(self._unit, *args) if ckpt else self._unit(*args)
         if i in keep: feats.append(h)
         if i == stop: break
     return h, feats

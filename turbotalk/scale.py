@@ -12,13 +12,14 @@ import matplotlib.pyplot as plt
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import checkpoint
 from diffusers import WanTransformer3DModel
 from diffusers.utils import logging as dlog
 from .core import TurboTalkError
 from .model import TalkingDiT, PRESETS, video_frames
 
 # %% auto #0
-__all__ = ['WAN_DIMS', 'WAN_FIXED', 'SIZES', 'LORA_TARGETS', 'STEPS', 'ROLES', 'BYTES', 'GPUS', 'MARGIN', 'NS', 'PARTS',
+__all__ = ['WAN_DIMS', 'WAN_FIXED', 'SIZES', 'LORA_TARGETS', 'CKPTS', 'STEPS', 'ROLES', 'BYTES', 'GPUS', 'MARGIN', 'NS', 'PARTS',
            'CONFIGS', 'NOTES', 'ACC_CONFIGS', 'PART_COLORS', 'wan_latent', 'build', 'lora_params', 'numel',
            'param_counts', 'wan_reference', 'FlashSDPA', 'inputs', 'set_ckpt', 'saved_bytes', 'LiveBytes',
            'nograd_peak', 'head_params', 'measure', 'PlanConfig', 'role_bytes', 'step_bytes', 'stage_bytes', 'min_gpus',
@@ -89,25 +90,21 @@ def inputs(model, latent, bs:int=1, device='meta', dtype=torch.bfloat16, seed:in
                 a=r(bs, video_frames(T, c.frames_per_latent), c.audio_window, c.audio_dim))
 
 # %% ../nbs/08_scale.ipynb #c016
-def _blocks_ckpt_all(self, h, txt, tproj, rope, aud, keep, stop=None):
-    "TalkingDiT._blocks with each Wan block AND its audio attention inside one checkpoint (the proposed variant)."
-    feats, k = [], self.config.audio_every
-    def unit(i, h, txt, tproj, rope, aud):
-        h = self.blocks[i](h, txt, tproj, rope)
-        return h + self.audio_attn[i // k](h, aud) if i % k == 0 else h
-    for i in range(len(self.blocks)):
-        h = self._gradient_checkpointing_func(unit, i, h, txt, tproj, rope, aud) if torch.is_grad_enabled() else unit(i, h, txt, tproj, rope, aud)
-        if i in keep: feats.append(h)
-        if i == stop: break
-    return h, feats
+CKPTS = ('none', 'wan-blocks-only', 'grad-ckpt')   # off; the comparison (audio attention outside); TalkingDiT's own
+
+def _unit_wan_only(self, i, h, txt, tproj, rope, aud):
+    "For the comparison only: TalkingDiT._unit with the Wan block checkpointed alone and the audio attention outside."
+    blk, k = self.blocks[i], self.config.audio_every
+    h = checkpoint(blk, h, txt, tproj, rope, use_reentrant=False) if torch.is_grad_enabled() else blk(h, txt, tproj, rope)
+    return h + self.audio_attn[i // k](h, aud) if i % k == 0 else h
 
 def set_ckpt(model, ckpt:str='none'):
-    "Gradient checkpointing 'none', 'blocks' (TalkingDiT's own: the Wan blocks) or 'all' (blocks + audio attention)."
-    if ckpt not in ('none', 'blocks', 'all'): raise TurboTalkError(f"ckpt must be 'none', 'blocks' or 'all', got {ckpt!r}")
-    model.__dict__.pop('_blocks', None)
-    if ckpt == 'none': model.disable_gradient_checkpointing()
-    else: model.enable_gradient_checkpointing()
-    if ckpt == 'all': model._blocks = types.MethodType(_blocks_ckpt_all, model)
+    "Gradient checkpointing 'none', 'grad-ckpt' (the model's own: block + audio attention) or 'wan-blocks-only' (comparison)."
+    if ckpt not in CKPTS: raise TurboTalkError(f'ckpt must be one of {CKPTS}, got {ckpt!r}')
+    model.__dict__.pop('_unit', None)
+    if ckpt == 'grad-ckpt': model.enable_gradient_checkpointing()
+    else: model.disable_gradient_checkpointing()
+    if ckpt == 'wan-blocks-only': model._unit = types.MethodType(_unit_wan_only, model)
     return model
 
 # %% ../nbs/08_scale.ipynb #c018
@@ -183,12 +180,14 @@ def measure(size:str, rank:int=64, latent=None, log=print) -> dict:
     "Everything the plan needs for one size, measured on the meta device in bf16: counts, saved bytes, recompute and no-grad peaks."
     m, lat = build(size), latent or SIZES[size]
     r = dict(size=size, latent=list(lat), tokens=m.n_tokens(lat), counts=param_counts(m, rank), heads=head_params(m), rank=rank, act={})
+    k = m.config.audio_every
     need = sorted({(b, g) for st in STEPS.values() for s in st.values() for _, b, g in s['saved']})
     for b, g in need:
-        for ck in ('none', 'blocks', 'all'):
+        for ck in CKPTS:
             s = saved_bytes(m, lat, b, ck, g)
-            if ck == 'none': units = s['per_unit']
-            unit = max(units.get(f'blocks.{i}', 0) + (units.get(f'audio_attn.{i}', 0) if ck == 'all' else 0) for i in range(len(m.blocks)))
+            if ck == 'none': units = s['per_unit']   # a unit recomputes what it saves without checkpointing
+            unit = max(units.get(f'blocks.{i}', 0) + (units.get(f'audio_attn.{i // k}', 0) if ck == 'grad-ckpt' and i % k == 0 else 0)
+                       for i in range(len(m.blocks)))
             r['act'][f'{ck}/{b}/{g}'] = dict(saved=s['total'], recompute=0 if ck == 'none' else unit)
         log(f'{size}: saved tensors measured at batch {b}, gradient to {g}')
     if size in WAN_DIMS: r['wan_ref'] = {f'in{c}': numel(wan_reference(size, c)) for c in (16, 36)}
@@ -205,12 +204,12 @@ PARTS = ('params', 'grads', 'optim', 'ema', 'frozen', 'buffers', 'activations')
 class PlanConfig:
     "One way to run a stage: checkpointing, LoRA on the critic / discriminator, frozen networks offloaded to the CPU."
     name: str
-    ckpt: str = 'none'      # 'none', 'blocks' (TalkingDiT today) or 'all' (blocks + audio attention)
+    ckpt: str = 'none'      # a mode of CKPTS: 'none', 'grad-ckpt' (grad_ckpt=True) or 'wan-blocks-only' (comparison)
     lora: bool = False      # rank-r LoRA on the critic / discriminator backbone (heads stay full)
     offload: bool = False   # frozen weights (real score, reference student, LoRA bases) live on the CPU
 
-CONFIGS = [PlanConfig('plain'), PlanConfig('ckpt-blocks', 'blocks'), PlanConfig('ckpt-all', 'all'),
-           PlanConfig('ckpt-all+lora', 'all', True), PlanConfig('ckpt-all+lora+offload', 'all', True, True)]
+CONFIGS = [PlanConfig('plain'), PlanConfig('ckpt-wan-blocks-only', 'wan-blocks-only'), PlanConfig('grad-ckpt', 'grad-ckpt'),
+           PlanConfig('grad-ckpt+lora', 'grad-ckpt', True), PlanConfig('grad-ckpt+lora+offload', 'grad-ckpt', True, True)]
 
 def _trainable(n:int, training:bool) -> dict:
     "fp32 master weights, fp32 gradients (only during the role's own update) and two fp32 Adam moments of n parameters."
@@ -269,7 +268,7 @@ NOTES = [
     'GB = 1e9 bytes. A GPU "fits" when the per-GPU total is at most 90 % of its nominal 80 GB (H100) or 141 GB (H200).',
     'Parameters are counted exactly on TalkingDiT instances built on the meta device (the Wan part equals diffusers WanTransformer3DModel in its I2V layout without CLIP; the audio modules are ours).',
     'Activations: bytes of the distinct storages the autograd graph saves in one bf16 forward at micro-batch 1 (saved_tensors_hooks, parameters excluded), measured on the meta device at full size; attention is measured with the flash kernel (it saves q, k, v, out and the fp32 logsumexp, as flash attention on the GPU).',
-    'Checkpointing adds the recomputation of one unit in the backward (its saved bytes without checkpointing); ckpt-blocks is TalkingDiT as it is (Wan blocks only, the audio attention is outside); ckpt-all also puts the audio attention inside (set_ckpt(model, "all")).',
+    'Checkpointing adds the recomputation of one unit in the backward (its saved bytes without checkpointing). grad-ckpt is TalkingDiT\'s own gradient checkpointing (StageConfig.grad_ckpt=True): each Wan block and the audio attention after it are one checkpointed unit. ckpt-wan-blocks-only is the comparison: the Wan blocks checkpointed alone, the audio attention outside (not what the model does).',
     'While a graph is alive, frozen networks run no-grad forwards (DMD: the real score with 3-way CFG as one batch of 3); their peak of live tensors is measured too and the larger of it and the recomputation is added.',
     'Trainable networks: 16 bytes per parameter (fp32 master weights, fp32 gradients during their own update only, two fp32 Adam moments), the generator + 4 for its fp32 EMA: the mixed-precision layout of DeepSpeed ZeRO-3 and FSDP2 (bf16 compute, fp32 reduce). Frozen networks: bf16, 2 bytes per parameter.',
     'Sharding over N GPUs (ZeRO-3 / FSDP2) divides parameters, gradients, optimizer states, EMA and frozen weights by N; activations are per GPU (data parallel, micro-batch 1) and do not shrink; buffers are 2 gathered bf16 blocks + 1 fp32 block of gradients.',
@@ -289,10 +288,10 @@ def plan_md(measured:list, rows:list, cmd:str='') -> str:
     L += [f"diffusers WanTransformer3DModel {r['size']}: {r['wan_ref']['in16']:,} parameters as text-to-video (16 input channels), {r['wan_ref']['in36']:,} with 36 (I2V without CLIP)."
           for r in measured if 'wan_ref' in r]
     L += ['', '## Activations per sample (GB, bf16, micro-batch 1, gradient to the parameters)', '',
-          '| size | no checkpointing | ckpt-blocks | + recompute | ckpt-all | + recompute | no-grad peak, batch 1 | batch 3 |', '|---|---|---|---|---|---|---|---|']
+          '| size | no checkpointing | ckpt-wan-blocks-only (comparison) | + recompute | grad-ckpt (block + audio attention) | + recompute | no-grad peak, batch 1 | batch 3 |', '|---|---|---|---|---|---|---|---|']
     for r in measured:
         a = lambda ck, k='saved': _gb(r['act'][f'{ck}/1/params'][k])
-        L.append(f"| {r['size']} | {a('none')} | {a('blocks')} | {a('blocks', 'recompute')} | {a('all')} | {a('all', 'recompute')} | {_gb(r['nograd']['1'])} | {_gb(r['nograd'].get('3', 0))} |")
+        L.append(f"| {r['size']} | {a('none')} | {a('wan-blocks-only')} | {a('wan-blocks-only', 'recompute')} | {a('grad-ckpt')} | {a('grad-ckpt', 'recompute')} | {_gb(r['nograd']['1'])} | {_gb(r['nograd'].get('3', 0))} |")
     L += ['', '## Per-GPU memory by stage (GB) and the GPUs each needs', '',
           '| size | stage | config | peak update | states (weights, grads, optimizer, EMA, frozen), 1 GPU | activations | total, 1 GPU | total, 8 GPUs | H100 80GB: GPUs | H200 141GB: GPUs |', '|---|---|---|---|---|---|---|---|---|---|']
     key = {(x['size'], x['stage'], x['config'], x['n_gpu']): x for x in rows}

@@ -540,7 +540,7 @@ def export_weights(st) -> Path:
 
 # %% ../nbs/02a_stage.ipynb #c040s
 def grad_ckpt(method:Method):
-    "Gradient checkpointing in every submodule that supports diffusers' switch (TalkingDiT: each Wan block)."
+    "Gradient checkpointing in every submodule that supports diffusers' switch (TalkingDiT: each block + audio attention)."
     for m in method.modules():
         if getattr(m, '_supports_gradient_checkpointing', False): m.enable_gradient_checkpointing()
 

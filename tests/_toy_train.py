@@ -8,7 +8,7 @@ import argparse, json, os
 import torch
 from torch.utils.data import DataLoader
 from turbotalk.core import RunDir
-from turbotalk.stage import Callback, StageConfig, ToyData, ToyFlow, ToyGAN, fit
+from turbotalk.stage import Callback, StageConfig, ToyData, ToyFlow, ToyGAN, build_ctx, fit
 
 
 class Recorded(ToyData):
@@ -36,10 +36,10 @@ def main():
     p.add_argument('--cpu', action='store_true')
     p.add_argument('--shard', default='none', choices=['none', 'fsdp2'])
     a = p.parse_args()
-    torch.manual_seed(0)
-    method = ToyFlow() if a.method == 'flow' else ToyGAN()
     cfg = StageConfig(max_steps=a.steps, bs=a.bs, lr_g=1e-2, lr_d=1e-2, d_per_g=a.d_per_g, ema=.9, log_every=1,
                       ckpt_every=a.ckpt_every, cpu=a.cpu, out=a.out, resume=a.resume, shard=a.shard)
+    torch.manual_seed(0)
+    with build_ctx(cfg): method = ToyFlow() if a.method == 'flow' else ToyGAN()   # fsdp2: processes > 0 on meta
     hist = fit(method, DataLoader(Recorded(a.n), batch_size=a.bs, shuffle=True), cfg, RunDir(a.out), callbacks=[World()])
     rank = int(os.environ.get('RANK', 0))
     rec = dict(history=hist, indices=Recorded.seen, num_processes=World.n)

@@ -1,7 +1,9 @@
 """turbotalk.stage with shard='fsdp2': 2 CPU processes (accelerate launch --multi_gpu, gloo) with every network sharded by
 FSDP2 train each stage (toy, teacher, DMD, adversarial) to the losses of 1 unsharded process with the same global batch
 (every per-sample draw is keyed by the sample, never by the process), each process really holds about half of the
-weights, and checkpoints (full state dicts) resume at another world size.
+weights, and checkpoints (full state dicts) resume at another world size. With meta_init (the default) process 1 builds
+every network on the meta device and receives process 0's weights in `fit` (each start event says so: built == [1, 0]);
+test_meta_init_only_process0_builds measures the memory that saves and checks the weights and buffers it ends with.
 
 Tolerances: sharding and splitting the batch change only where the gradient average happens (a reduce-scatter instead of
 our all-reduce over per-process means) and how the norm for clipping is summed, so the losses agree to float32
@@ -44,9 +46,11 @@ def _same(a:dict, b:dict, rtol=1e-5):
     np.testing.assert_allclose([b[k] for k in sorted(a)], [a[k] for k in sorted(a)], rtol=rtol)
 
 def _check_sharded(start:dict):
-    "The start event of a sharded run: 2 processes, each holding about half of the elements, nothing held twice."
+    """The start event of a sharded run: 2 processes, each holding about half of the elements, nothing held twice; and
+    (meta_init) process 1 built every network on the meta device: none of its parameter elements held data before `fit`."""
     assert start['num_processes'] == 2 and start['shard'] == 'fsdp2', start
     assert all(0.45 < h < 0.55 for h in start['held']) and abs(sum(start['held']) - 1) < 1e-3, start['held']
+    assert start['built'] == [1.0, 0.0], start
 
 
 # ---------------------------------------------------------------- toy (seconds)
@@ -94,12 +98,14 @@ def test_teacher_fsdp2_matches_one_process_and_resumes_in_one(synth, tmp_path):
     _same({k: v for k, v in one.items() if k > 2}, _by_step(tmp_path/'mix', 'g_loss'))
 
 def test_dmd_fsdp2_matches_one_process(synth, tmp_path):
-    """DMD's three networks (frozen real score sharded too) with samples during training. Its draws are keyed per sample
-    (dmd.sample_rngs), so 2 sharded processes train to the losses of 1 process with the same global batch."""
-    a = lambda out, **kw: {**_dmd_args(synth, out), 'max_steps': 4, 'sample_every': 2, **kw}
+    """DMD's three networks (frozen real score sharded too) with samples during training, after a warm start on teacher
+    ODE pairs (with meta_init only process 0 can run the teacher: it makes and caches the pairs, process 1 reads them).
+    Its draws are keyed per sample (dmd.sample_rngs), so 2 sharded processes train to the losses of 1 process."""
+    a = lambda out, **kw: {**_dmd_args(synth, out), 'max_steps': 4, 'sample_every': 2, 'warm_pairs': 4, 'warm_steps': 2, **kw}
     _cli('dmd', a(tmp_path/'one'))
     _cli('dmd', a(tmp_path/'fsdp', shard='fsdp2'), procs=2)
-    _check_sharded(_starts(tmp_path/'fsdp')[0])
+    for ph in ('warm', None): _check_sharded(_starts(tmp_path/'fsdp', ph)[0])
+    _same(_by_step(tmp_path/'one', 'g_loss', 'warm'), _by_step(tmp_path/'fsdp', 'g_loss', 'warm'))
     for k in ('g_loss', 'fake_loss'): _same(_by_step(tmp_path/'one', k), _by_step(tmp_path/'fsdp', k))
     assert sorted(p.name for p in (tmp_path/'fsdp'/'samples').glob('*.mp4')) == ['train_step000002_0.mp4', 'train_step000004_0.mp4']
 
@@ -112,3 +118,33 @@ def test_adv_fsdp2_matches_one_process(synth, tmp_path):
     for ph in ('3', '2'):
         _check_sharded(_starts(tmp_path/'fsdp', ph)[0])
         for k in ('g_loss', 'd_loss'): _same(_by_step(tmp_path/'one', k, ph), _by_step(tmp_path/'fsdp', k, ph))
+
+
+# ---------------------------------------------------------------- initialisation from process 0 (meta_init)
+def _meta_run(out, meta_init:str) -> dict:
+    "tests/_meta_init.py on 2 CPU processes: {rank: record}."
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(_port()),
+           str(ROOT/'tests'/'_meta_init.py'), str(out), '--meta_init', meta_init]
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {i: json.loads((Path(out)/f'rank{i}.json').read_text()) for i in (0, 1)}
+
+def test_meta_init_only_process0_builds(tmp_path):
+    """Two TalkingDiT denoisers (186 MB of float32 weights; one trained with an EMA, one frozen). meta_init: process 1
+    builds on the meta device, adds almost no memory (measured: 7 MB) and peaks at its shards (~93 MB of weights + ~47 MB
+    of EMA shadow: 154 MB), while process 0 builds in full (197 MB); without meta_init process 1 builds in full too and
+    peaks higher (357 MB). After `setup` every process holds the weights, the EMA shadows and every buffer (Wan's rotary
+    tables are not persistent, so no state dict carries them) of a model built on the CPU from process 0's seed."""
+    on, off = _meta_run(tmp_path/'on', 'true'), _meta_run(tmp_path/'off', 'false')
+    mb = on[0]['model_mb']
+    assert (on[0]['meta_before'], on[1]['meta_before'], off[1]['meta_before']) == (0.0, 1.0, 0.0)
+    assert on[1]['build_mb'] < 0.1 * mb and on[0]['build_mb'] > 0.9 * mb and off[1]['build_mb'] > 0.9 * mb, (on, off)
+    assert on[1]['setup_peak_mb'] < off[1]['setup_peak_mb'] - 0.5 * mb, (on[1], off[1])
+    assert on[1]['setup_peak_mb'] < 1.0 * mb   # its shards (half of the weights and of the EMA) and a tensor in flight
+    for rec in (*on.values(), *off.values()):
+        assert rec['buffers'] and all(rec['buffers'].values()), rec['buffers']
+        assert 'student.net.rope.freqs_cos' in rec['buffers'] and 'teacher.a_mean' in rec['buffers']
+        assert rec['weights'] and rec['ema'] and rec['ema_buffers'], rec
+        assert abs(rec['local_mb'] - mb / 2) < 0.01 * mb
+    assert _starts(tmp_path/'on')[0]['built'] == [1.0, 0.0] and _starts(tmp_path/'off')[0]['built'] == [1.0, 1.0]

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, sample, per_sample
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state, read_config
-from .stage import complete_ckpts, ckpt_root, last_ckpt
+from .stage import complete_ckpts, ckpt_root, last_ckpt, build_ctx, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
@@ -410,7 +410,7 @@ def _record_phase(run:RunDir, n:int, sig:list, iters:int, wall:float):
 def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
     "Phases n0-1 ... cfg.steps into cfg.out, each one `fit` from the previous phase's student; (last method, {n: history})."
     from turbotalk.teacher import teacher_features
-    prev, dcfg, tcfg = load_upstream(cfg)
+    with build_ctx(cfg): prev, dcfg, tcfg = load_upstream(cfg)   # processes > 0: on the meta device when meta_init (02a_stage)
     sched = schedules(dcfg.sigmas, cfg.steps, cfg.sigmas, cfg.sigma_shift); plan = phase_plan(cfg, sched)
     run = RunDir(cfg.out)
     if _is_main():
@@ -422,12 +422,14 @@ def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
     for n, iters in plan.items():
         if not _finished(run, n):
             t0, every = time.time(), cfg.sample_every or iters
-            m = build_phase(cfg, n, sched, prev, start, shift, _carried(run, n + 1) if cfg.d_carry else None)
+            carry = _carried(run, n + 1) if cfg.d_carry and not is_meta(prev) else None   # meta: D's weights come from process 0
+            with build_ctx(cfg): m = build_phase(cfg, n, sched, prev, start, shift, carry)
             cbs = [ShowAdv(every)] + ([SampleEvery(phase_hook(cfg, tcfg, clips), every)] if clips is not None else [])
             dl = DataLoader(ds, batch_size=cfg.bs, shuffle=True, drop_last=True, num_workers=cfg.workers)
             hist[n] = fit(m, dl, replace(cfg, max_steps=iters), run, phase=str(n), callbacks=cbs)
             if _is_main(): _record_phase(run, n, sched[n], iters, time.time() - t0)
-        start = load_weights(run.path/'weights'/str(n)/('student_ema.safetensors' if cfg.phase_init == 'ema' else 'student.safetensors'))
+        f = run.path/'weights'/str(n)/('student_ema.safetensors' if cfg.phase_init == 'ema' else 'student.safetensors')
+        start = prev.state_dict() if is_meta(prev) else load_weights(f)   # meta: the next phase's weights come from process 0
     return m, hist
 
 # %% ../nbs/04_adv_distill.ipynb #c044

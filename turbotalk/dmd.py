@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas, per_sample
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
+from .stage import build_ctx, main_first, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
 from .media import save_grid
@@ -286,23 +287,28 @@ def _fresh(run:RunDir, resume:bool):
         for ph in ('', 'warm'): last_ckpt(run, ph, resume=False)   # raises if the folder holds checkpoints
     for f in ('metrics.jsonl', 'results.json', 'compare.md', 'compare.csv'): (run.path/f).unlink(missing_ok=True)
 
+def _pairs(m:DMDMethod, cfg:DMDConfig, tcfg, dl:DataLoader, p:Path) -> dict:
+    "The teacher ODE pairs of cache file `p`, else made (and cached by the main process)."
+    if p.is_file(): return load_weights(p)
+    t0 = time.time(); pairs = ode_pairs(m.teacher, tcfg, dl.dataset, cfg.warm_pairs, cfg.seed, codec=m.codec)
+    if _is_main(): save_weights({k: v.contiguous() for k, v in pairs.items()}, p)
+    print(f'{cfg.warm_pairs} teacher ODE pairs in {time.time() - t0:.0f} s')
+    return pairs
+
 def _warm_start(m:DMDMethod, cfg:DMDConfig, tcfg, dl:DataLoader, run:RunDir):
     "The optional regression phase on teacher ODE pairs (cached under cache/)."
     p = run.sub('cache')/f'ode_pairs_{cfg.warm_pairs}_seed{cfg.seed}.safetensors'
-    if p.is_file(): pairs = load_weights(p)
-    else:
-        t0 = time.time(); pairs = ode_pairs(m.teacher, tcfg, dl.dataset, cfg.warm_pairs, cfg.seed, codec=m.codec)
-        if _is_main(): save_weights({k: v.contiguous() for k, v in pairs.items()}, p)
-        print(f'{cfg.warm_pairs} teacher ODE pairs in {time.time() - t0:.0f} s')
+    with main_first(cfg): pairs = _pairs(m, cfg, tcfg, dl, p)   # meta_init: only process 0 has the teacher's weights
     wcfg = DMDConfig(**{**asdict(cfg), 'max_steps': cfg.warm_steps, 'lr_g': cfg.warm_lr, 'ema': 0.0, 'd_per_g': 1, 'betas': (0.9, 0.999)})
     w = deepcopy(m.student)   # a copy: fit may shard it (FSDP2), and the DMD fit copies its EMA from an unsharded student
     fit(RegressMethod(w, cfg.sigmas, cfg.seed), DataLoader(Pairs(pairs), batch_size=cfg.bs, shuffle=True, drop_last=True),
         wcfg, run, phase='warm')
-    m.student.load_state_dict(load_weights(run.path/'weights'/'warm'/'student.safetensors'))
+    if not is_meta(m.student): m.student.load_state_dict(load_weights(run.path/'weights'/'warm'/'student.safetensors'))
 
 def train_dmd(cfg:DMDConfig, cmd:str|None=None) -> tuple[DMDMethod, list]:
     "Distil cfg.teacher into a student in cfg.out; returns (method, history of process-mean logs)."
-    run = RunDir(cfg.out); m, tcfg = build_dmd(cfg)
+    run = RunDir(cfg.out)
+    with build_ctx(cfg): m, tcfg = build_dmd(cfg)   # processes > 0 build on the meta device when meta_init (02a_stage)
     if _is_main(): _fresh(run, cfg.resume); run.write_config(cfg); run.write_cmd(cmd)
     seed_everything(cfg.seed)
     dl = dmd_data(cfg, tcfg); t0 = time.time()
@@ -330,6 +336,7 @@ def load_student(run_dir, ema:bool=True, device='cpu'):
     cfg = load_dmd_config(run_dir); model, tcfg = load_teacher(need_teacher(cfg.teacher))
     w = Path(run_dir)/'weights'/('student_ema.safetensors' if ema else 'student.safetensors')
     if not w.is_file(): raise WeightsError(f'{w} is missing: the run has not finished (resume it with -p resume True)')
+    if is_meta(model): return model.eval(), cfg, tcfg   # built on the meta device (`build_ctx`): weights from process 0
     model.load_state_dict(load_weights(w))
     return model.eval().to(device), cfg, tcfg
 

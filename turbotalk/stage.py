@@ -36,8 +36,9 @@ __all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net
            'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state', 'step_rng', 'Callback',
            'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts', 'last_ckpt', 'check_finite',
            'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem', 'resume_ckpt', 'export_weights',
-           'grad_ckpt', 'shard_on', 'shard_net', 'shard_method', 'held_share', 'setup', 'one_step', 'emergency_save',
-           'fit', 'read_config', 'config_parser']
+           'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles', 'shard_method', 'held_share', 'rank0_init', 'on_meta',
+           'build_ctx', 'main_first', 'is_meta', 'meta_copy', 'built_share', 'broadcast_plain', 'from_main', 'setup',
+           'one_step', 'emergency_save', 'fit', 'read_config', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -64,6 +65,7 @@ class StageConfig:
     resume: bool = False         # continue from the last complete checkpoint in the run directory
     grad_ckpt: bool = False      # gradient checkpointing in every network that supports it (recompute blocks in backward)
     shard: str = 'none'          # 'none' (each process holds every network) | 'fsdp2' (FSDP2: every block, then each role)
+    meta_init: bool = True       # shard='fsdp2' on > 1 process: only process 0 builds the weights, the others get their shards from it
 
     def __post_init__(self):
         if self.mixed_precision not in ('auto', 'no', 'bf16', 'fp16'): raise TurboTalkError(f"mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
@@ -183,10 +185,10 @@ class ToyGAN(Method):
 # %% ../nbs/02a_stage.ipynb #c019
 class EMA(nn.Module):
     "Exponential moving average (shadow copies) of a method's G roles."
-    def __init__(self, method:Method, decay:float):
+    def __init__(self, method:Method, decay:float, empty:bool=False):  # empty: meta shadows, set later by `reset`
         super().__init__()
-        self.decay = decay
-        self.roles = nn.ModuleDict({r: deepcopy(getattr(method, r)).requires_grad_(False).eval() for r in method.g_roles})
+        self.decay, copy = decay, meta_copy if empty else deepcopy
+        self.roles = nn.ModuleDict({r: copy(getattr(method, r)).requires_grad_(False).eval() for r in method.g_roles})
     def pairs(self, method):
         "(live, shadow) tensor pairs: parameters then buffers."
         return [(a, b) for r, s in self.roles.items() for f in ('parameters', 'buffers')
@@ -197,6 +199,10 @@ class EMA(nn.Module):
         for a, b in self.pairs(method):
             if b.is_floating_point() and isinstance(a, nn.Parameter): _local(b).lerp_(_local(a).detach(), 1 - self.decay)
             else: b.copy_(a)
+    @torch.no_grad()
+    def reset(self, method:Method):
+        "Shadows <- the live weights (sharded: each process copies its own shards)."
+        for a, b in self.pairs(method): _local(b).copy_(_local(a))
     @contextmanager
     def swapped(self, method:Method):
         "Use the EMA weights inside the block (swaps tensors in place; sharded tensors swap their shards by copy)."
@@ -563,9 +569,13 @@ def shard_net(net:nn.Module, method:Method):
         if u is not net and not isinstance(u, FSDPModule): fully_shard(u)
     fully_shard(net, reshard_after_forward=True)   # roots too: between calls every process holds only its shards
 
+def shard_roles(method:Method) -> list:
+    "The roles FSDP2 shards: every child network with weights (trainable and frozen) but `method.unsharded`."
+    return [r for r, c in method.named_children() if r not in method.unsharded and any(True for _ in c.parameters())]
+
 def shard_method(method:Method, ema:EMA|None=None) -> list:
-    "Shard every role network with weights (trainable and frozen; not `method.unsharded`) and its EMA shadow alike."
-    roles = [r for r, c in method.named_children() if r not in method.unsharded and any(True for _ in c.parameters())]
+    "Shard every role network of `shard_roles` and its EMA shadow alike."
+    roles = shard_roles(method)
     for r in roles:
         for net in [getattr(method, r)] + ([ema.roles[r]] if ema is not None and r in ema.roles else []): shard_net(net, method)
     return roles
@@ -576,21 +586,87 @@ def held_share(method:Method, roles:list, acc:Accelerator) -> list:
     mine = torch.tensor([float(sum(_local(p).numel() for p in ps))], device=acc.device)
     return [round(x / max(1, sum(p.numel() for p in ps)), 4) for x in acc.gather(mine).tolist()]
 
+# %% ../nbs/02a_stage.ipynb #c040w
+def rank0_init(cfg:StageConfig, env=None) -> bool:
+    "True when this launch builds the weights on process 0 only: shard='fsdp2', meta_init, WORLD_SIZE > 1 (the same on every process)."
+    e = os.environ if env is None else env
+    return cfg.shard == 'fsdp2' and cfg.meta_init and int(e.get('WORLD_SIZE', 1)) > 1
+
+def on_meta(cfg:StageConfig, env=None) -> bool:
+    "True where this process builds its networks on the meta device: `rank0_init`, on a process other than 0."
+    e = os.environ if env is None else env
+    return rank0_init(cfg, e) and int(e.get('RANK', 0)) != 0
+
+def build_ctx(cfg:StageConfig, env=None):
+    "The context a stage builds its method in: torch.device('meta') where `on_meta`, else nothing."
+    return torch.device('meta') if on_meta(cfg, env) else nullcontext()
+
+def main_first(cfg:StageConfig):
+    "With `rank0_init`: process 0 runs the block, then the others (to read what it wrote); else nothing."
+    if not rank0_init(cfg): return nullcontext()
+    from accelerate import PartialState
+    return PartialState(cpu=resolve_device(cfg)[0]).main_process_first()
+
+def is_meta(net:nn.Module) -> bool:
+    "True when `net` has a tensor on the meta device (no data: its weights come from process 0 in `fit`)."
+    return any(t.is_meta for t in [*net.parameters(), *net.buffers()])
+
+
+# %% ../nbs/02a_stage.ipynb #c040x
+def meta_copy(net:nn.Module) -> nn.Module:
+    "deepcopy(net) with every parameter and buffer on the meta device (no weight is copied)."
+    memo = {}
+    for t in [*net.parameters(), *net.buffers()]:
+        e = torch.empty_like(t, device='meta')
+        memo[id(t)] = nn.Parameter(e, t.requires_grad) if isinstance(t, nn.Parameter) else e
+    return deepcopy(net, memo)
+
+def built_share(method:Method, acc:Accelerator) -> list:
+    "Per process, the share of the method's parameter elements that hold data (not on the meta device)."
+    ps = list(method.parameters()); n = sum(p.numel() for p in ps)
+    mine = torch.tensor([float(sum(p.numel() for p in ps if not p.is_meta))], device=acc.device)
+    return [round(x / n, 4) if n else 1.0 for x in acc.gather(mine).tolist()]
+
+def broadcast_plain(net:nn.Module):
+    "Process 0's values of every tensor FSDP2 does not shard (buffers, unsharded children) on every process, as DDP does."
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            if not isinstance(t, DTensor): dist.broadcast(t.data, 0)
+
+def from_main(method:Method, cfg:StageConfig, acc:Accelerator, sharded:bool) -> tuple:
+    "Shard (if `sharded`), allocate and fill a method that processes > 0 built on meta, from process 0's weights: (ema, roles)."
+    roles = shard_roles(method) if sharded else []
+    full = {r: getattr(method, r).state_dict() for r in roles} if acc.is_main_process else {}  # before FSDP2 replaces them
+    ema = EMA(method, cfg.ema, empty=True) if cfg.ema else None   # meta shadows on every process, set below
+    if sharded: shard_method(method, ema)
+    alloc = lambda t: torch.empty_like(t, device=acc.device) if t.is_meta else t.to(acc.device)   # to_empty for meta only
+    for m in [method] + ([ema] if ema is not None else []): m._apply(alloc)
+    bcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)   # one tensor at a time; each keeps its slice
+    for r in roles: set_model_state_dict(getattr(method, r), full.pop(r, {}), options=bcast)
+    broadcast_plain(method)   # buffers (rotary tables, audio statistics) and unsharded children
+    if ema is not None: ema.reset(method)
+    return ema, roles
+
+
 # %% ../nbs/02a_stage.ipynb #c042
 def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='') -> FitState:
     "Accelerator, seeding, device, checkpointing, EMA, sharding, optimisers, data; resume from the last intact checkpoint if asked."
     acc = make_accelerator(cfg)
     seed_everything(cfg.seed + acc.process_index)
-    method.to(acc.device).train().requires_grad_(False)
+    built, sharded = built_share(method, acc), shard_on(cfg, acc)
+    if built[0] < 1: raise TurboTalkError(f'process 0 holds {built[0]:.0%} of the weights: it must build the method in full '
+                                          '(build_ctx gives the meta device to the other processes only)')
+    empty = min(built) < 1   # some processes built on the meta device (build_ctx): weights come from process 0
+    if not empty: method.to(acc.device)
+    method.train().requires_grad_(False)
     for r in method.frozen_roles(): getattr(method, r).eval()
     if cfg.grad_ckpt: grad_ckpt(method)
-    if acc.num_processes > 1:
-        with torch.no_grad():
-            for t in [*method.parameters(), *method.buffers()]:
-                if not isinstance(t, DTensor): dist.broadcast(t.data, 0)  # as DDP does
+    if acc.num_processes > 1 and not empty: broadcast_plain(method)   # as DDP does
     train_only(method, method.g_roles + method.d_roles)
-    ema, sharded = EMA(method, cfg.ema) if cfg.ema else None, shard_on(cfg, acc)
-    roles = shard_method(method, ema) if sharded else []   # before the optimisers: FSDP2 replaces the parameters
+    if empty: ema, roles = from_main(method, cfg, acc, sharded)
+    else:
+        ema = EMA(method, cfg.ema) if cfg.ema else None
+        roles = shard_method(method, ema) if sharded else []   # before the optimisers: FSDP2 replaces the parameters
     adamw = lambda ps, lr: torch.optim.AdamW(ps, lr=lr, betas=cfg.betas, weight_decay=cfg.wd)
     opts = {'g': adamw(method.g_params(), cfg.lr_g)} | ({'d': adamw(method.d_params(), cfg.lr_d)} if method.d_roles else {})
     if not sharded: opts = {k: acc.prepare(o) for k, o in opts.items()}   # sharded: we save full optimiser states ourselves
@@ -599,7 +675,8 @@ def setup(method:Method, dl:DataLoader, cfg:StageConfig, run:RunDir, phase:str='
     held = held_share(method, roles, acc) if sharded else []
     if acc.is_main_process:
         run.log(st.step, event='start', **({'phase': phase} if phase else {}), num_processes=acc.num_processes,
-                resumed_from=str(last or ''), **({'shard': 'fsdp2', 'held': held} if sharded else {}))
+                resumed_from=str(last or ''), **({'shard': 'fsdp2', 'held': held} if sharded else {}),
+                **({'built': built} if acc.num_processes > 1 else {}))
     return st
 
 # %% ../nbs/02a_stage.ipynb #c043

@@ -14,6 +14,7 @@ from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info, SHIPPED_TEACHER
 from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
+from .stage import build_ctx, on_meta, is_meta
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
 from .media import write_mp4, side_by_side, save_grid, to_uint8
@@ -302,8 +303,10 @@ def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, 
     if _is_main(): _fresh_record(run, cfg.resume); run.write_config(cfg); run.write_cmd(cmd)
     seed_everything(cfg.seed)
     ds, dl = train_data(cfg)
-    method = TeacherMethod(build_teacher(cfg, *audio_stats(ds)), PixelCodec(2), cfg.shift, cfg.sigma_dist, cfg.p_drop_a,
-                           cfg.p_drop_ref, cfg.p_drop_both, cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed)
+    stats = (None, None) if on_meta(cfg) else audio_stats(ds)   # on meta: process 0's statistics arrive in `fit`
+    with build_ctx(cfg):   # processes > 0 build on the meta device when meta_init (02a_stage)
+        method = TeacherMethod(build_teacher(cfg, *stats), PixelCodec(2), cfg.shift, cfg.sigma_dist, cfg.p_drop_a,
+                               cfg.p_drop_ref, cfg.p_drop_both, cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed)
     cbs = [Warmup(cfg.warmup)]
     if cfg.n_show > 0:
         clips = eval_clips(cfg.data, 'val', cfg.n_show, cfg.size, features=teacher_features(cfg))
@@ -319,9 +322,10 @@ def load_config(run_dir) -> TeacherConfig:
                        dict(audio_norm='none', aug_gain_db=0., aug_noise_p=0.))   # runs from before the level front end
 
 def load_teacher(run_dir, ema:bool=True, device='cpu') -> tuple[Denoiser, TeacherConfig]:
-    "The trained Denoiser of a teacher run (eval mode) and its config."
+    "The trained Denoiser of a teacher run (eval mode) and its config; built on the meta device (`build_ctx`), no weights are read."
     cfg = load_config(run_dir)
     model = build_teacher(cfg)
+    if is_meta(model): return model.eval(), cfg   # a process that receives its weights from process 0 in `fit`
     model.load_state_dict(load_weights(Path(run_dir)/'weights'/('teacher_ema.safetensors' if ema else 'teacher.safetensors')))
     return model.eval().to(device), cfg
 

@@ -42,16 +42,14 @@ def effective(nb, params:dict) -> dict:
     return _defaults(str(nb), Path(nb).stat().st_mtime) | {k: param_value(v) for k, v in params.items()}
 
 # %% ../nbs/07_ablate.ipynb #c010
-def _device(cpu, cuda:bool) -> str: return 'cuda' if cuda and not cpu else 'cpu'
-def _precision(mp, cuda:bool) -> str: return ('bf16' if cuda else 'no') if mp in (None, 'auto') else mp
-
 def same_here(defaults:dict|None=None, cuda:bool|None=None):
-    "run_status's parameter test: equal values, or values that run the same way on this machine: `cpu` and `mixed_precision` as they resolve here (02a_stage: 'auto' is bf16 on CUDA, none on the CPU), and a parameter the record lacks at the notebook's default (a knob added later defaults to the behaviour from before it)."
+    "run_status's parameter test: equal values, or values that run the same way on this machine: `cpu` and `mixed_precision` as they resolve here (`stage.resolve`: 'auto' is bf16 on CUDA, none on the CPU), and a parameter the record lacks at the notebook's default (a knob added later defaults to the behaviour from before it)."
+    from turbotalk.stage import resolve   # the stages' own rule (02a), so the comparison cannot drift from what a run does
     if cuda is None: import torch; cuda = torch.cuda.is_available()
     def same(k, old, new):
         o, n = (None if old is None else param_value(old)), param_value(new)
-        if k == 'cpu': return _device(o, cuda) == _device(n, cuda)
-        if k == 'mixed_precision': return _precision(o, cuda) == _precision(n, cuda)
+        if k == 'cpu': return resolve(o, 'auto', cuda)[0] == resolve(n, 'auto', cuda)[0]
+        if k == 'mixed_precision': return resolve(False, o, cuda)[1] == resolve(False, n, cuda)[1]
         if old is None and defaults is not None and k in defaults: return n == defaults[k]
         return old == new
     return same

@@ -31,7 +31,7 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
 
 # %% auto #0
 __all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net_state', 'role_state', 'load_role_state',
-           'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet', 'ToyFlow', 'ToyGAN', 'EMA', 'check_world',
+           'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet', 'ToyFlow', 'ToyGAN', 'EMA', 'check_world', 'resolve',
            'resolve_device', 'make_accelerator', 'prepare_data', 'batches', 'sync_grads', 'all_finite', 'clip_grads',
            'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state', 'step_rng', 'Callback',
            'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts', 'last_ckpt', 'check_finite',
@@ -228,10 +228,14 @@ def check_world(n:int, env=None):
                              '`accelerate launch --multi_gpu --num_processes N` and cpu=True (or ACCELERATE_USE_CPU=1); '
                              '`--cpu --num_processes N` silently runs one process')
 
+def resolve(cpu:bool=False, mixed_precision:str='auto', cuda:bool|None=None) -> tuple[bool, str]:
+    "(cpu, mixed_precision) these settings run with: CUDA when present (`cuda`, default: here) unless cpu; 'auto' = bf16 on CUDA, 'no' on the CPU."
+    cpu = bool(cpu) or not (torch.cuda.is_available() if cuda is None else cuda)   # cpu=True also makes `--multi_gpu` launches on a CPU machine use gloo
+    return cpu, mixed_precision if mixed_precision not in (None, 'auto') else ('no' if cpu else 'bf16')
+
 def resolve_device(cfg:StageConfig) -> tuple[bool, str]:
-    "(cpu, mixed_precision) from the environment: CUDA when present unless cfg.cpu; 'auto' precision = bf16 on CUDA, 'no' on the CPU."
-    cpu = cfg.cpu or not torch.cuda.is_available()   # cpu=True also makes `--multi_gpu` launches on a CPU machine use gloo
-    return cpu, cfg.mixed_precision if cfg.mixed_precision != 'auto' else ('no' if cpu else 'bf16')
+    "(cpu, mixed_precision) of a config on this machine (`resolve`); chapter 07 compares recorded runs with the same rule."
+    return resolve(cfg.cpu, cfg.mixed_precision)
 
 def make_accelerator(cfg:StageConfig) -> Accelerator:
     "The Accelerator of one `fit` call: device, precision, global batches, seeded data order; TF32 matmuls on CUDA."

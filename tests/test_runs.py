@@ -221,3 +221,12 @@ def test_readme_and_index_show_the_same_images():
     assert readme and [(ROOT/'nbs'/p).resolve() for p in index] == [(ROOT/p).resolve() for p in readme]
     missing = [p for p in readme if not (ROOT/p).is_file()] + [p for p in index if not (ROOT/'nbs'/p).is_file()]
     assert not missing, f'images that do not resolve: {missing}'
+
+
+def test_chapter_and_readme_links_resolve():
+    "Every local link and image in the chapters' markdown (nbs/*.ipynb, opened in nbs/) and in README.md (at the root) exists."
+    bad = [f'{p.name}: {t}' for p in sorted((ROOT/'nbs').glob('*.ipynb'))
+           for c in nbformat.read(p, as_version=4).cells if c.cell_type == 'markdown'
+           for t in local_links(c.source) if not (p.parent/t).exists()]
+    bad += [f'README.md: {t}' for t in local_links((ROOT/'README.md').read_text()) if not (ROOT/t).exists()]
+    assert not bad, f'links to missing files: {bad}'

@@ -687,6 +687,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                  'turbotalk.stage.shard_roles': ('stage.html#shard_roles', 'turbotalk/stage.py'),
                                  'turbotalk.stage.step_rng': ('stage.html#step_rng', 'turbotalk/stage.py'),
                                  'turbotalk.stage.sync_grads': ('stage.html#sync_grads', 'turbotalk/stage.py'),
+                                 'turbotalk.stage.teardown_at_exit': ('stage.html#teardown_at_exit', 'turbotalk/stage.py'),
                                  'turbotalk.stage.train_only': ('stage.html#train_only', 'turbotalk/stage.py'),
                                  'turbotalk.stage.train_step': ('stage.html#train_step', 'turbotalk/stage.py'),
                                  'turbotalk.stage.update': ('stage.html#update', 'turbotalk/stage.py')},

@@ -32,13 +32,13 @@ __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only
 # %% auto #0
 __all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net_state', 'role_state', 'load_role_state',
            'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet', 'ToyFlow', 'ToyGAN', 'EMA', 'check_world', 'resolve',
-           'resolve_device', 'make_accelerator', 'prepare_data', 'batches', 'sync_grads', 'all_finite', 'clip_grads',
-           'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state', 'step_rng', 'Callback',
-           'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts', 'last_ckpt', 'check_finite',
-           'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem', 'resume_ckpt', 'export_weights',
-           'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles', 'shard_method', 'held_share', 'rank0_init', 'on_meta',
-           'build_ctx', 'main_first', 'is_meta', 'meta_copy', 'built_share', 'broadcast_plain', 'from_main', 'setup',
-           'one_step', 'emergency_save', 'fit', 'read_config', 'config_parser']
+           'resolve_device', 'make_accelerator', 'teardown_at_exit', 'prepare_data', 'batches', 'sync_grads',
+           'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
+           'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
+           'last_ckpt', 'check_finite', 'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem',
+           'resume_ckpt', 'export_weights', 'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles', 'shard_method',
+           'held_share', 'rank0_init', 'on_meta', 'build_ctx', 'main_first', 'is_meta', 'meta_copy', 'built_share',
+           'broadcast_plain', 'from_main', 'setup', 'one_step', 'emergency_save', 'fit', 'read_config', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -246,8 +246,17 @@ def make_accelerator(cfg:StageConfig) -> Accelerator:
     dlc = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed)
     acc = Accelerator(cpu=cpu, mixed_precision=mp, dataloader_config=dlc)
     check_world(acc.num_processes)
+    if acc.num_processes > 1: teardown_at_exit()
     if acc.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return acc
+
+_TEARDOWN = []
+def teardown_at_exit():
+    "Destroy the process group when the interpreter exits (once per process): a gloo group left to the interpreter's own teardown can abort the process ('terminate called without an active exception', seen in CI)."
+    if _TEARDOWN: return
+    import atexit
+    atexit.register(lambda: dist.destroy_process_group() if dist.is_available() and dist.is_initialized() else None)
+    _TEARDOWN.append(True)
 
 # %% ../nbs/02a_stage.ipynb #c024
 def prepare_data(dl:DataLoader, acc:Accelerator, cfg:StageConfig):

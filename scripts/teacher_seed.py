@@ -3,7 +3,7 @@ control, ground truth; not the another-clip's-audio control, which costs a secon
 
     OMP_NUM_THREADS=1 python scripts/teacher_seed.py RUN_DIR --seed 1 [TeacherConfig options, e.g. --audio_norm none]
 
-Used for the teacher-v2 seed study (nbs/02b_teacher.ipynb, "How much do seeds move the teacher?")."""
+Used for the teacher-v2 seed study (nbs/02b_teacher.ipynb, "Recipes compared over seeds")."""
 import os, sys
 from turbotalk.teacher import TeacherConfig, cli_parser, train_teacher, evaluate_teacher
 

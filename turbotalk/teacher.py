@@ -449,20 +449,16 @@ def seed_study(runs, metrics=SEED_METRICS, row:str='teacher') -> dict:
     "{recipe: {'seeds': [...], metric: [value per seed]}} from the `row` of every run's results.json (runs without it skipped)."
     out = {}
     for r in sorted(map(Path, runs)):
-        res = RunDir(r).results() if (Path(r)/'results.json').is_file() else {}
-        hit = [x for x in res.get('rows', []) if x.get('name') == row]
+        hit = [x for x in RunDir(r).results().get('rows', []) if x.get('name') == row]
         if not hit: continue
-        cfg = json.loads((Path(r)/'config.json').read_text()).get('config', {}) if (Path(r)/'config.json').is_file() else {}
-        d = out.setdefault(recipe_of(r), {'seeds': []}); d['seeds'].append(cfg.get('seed'))
+        d = out.setdefault(recipe_of(r), {'seeds': []}); d['seeds'].append(load_config(r).seed)
         for m in metrics: d.setdefault(m, []).append(hit[0].get(m))
     return out
 
 def seed_table(study:dict, ref:str, metrics=SEED_METRICS, names:dict|None=None) -> str:
     "Markdown: mean ± std (n) per recipe and metric, the ratio of means to `ref`, and whether the difference exceeds the seed spread."
-    from turbotalk.ablate import better, mean_std
-    names = names or {}
-    head = ['recipe', 'seeds', *metrics]
-    t = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    from turbotalk.ablate import better, mean_std, _table
+    names, rows = names or {}, []
     for rec, d in sorted(study.items(), key=lambda kv: kv[0] != ref):   # the reference first
         cells = [names.get(rec, rec), ', '.join(map(str, d['seeds']))]
         for m in metrics:
@@ -472,8 +468,8 @@ def seed_table(study:dict, ref:str, metrics=SEED_METRICS, names:dict|None=None) 
                 c += ('' if m in _HIGHER else f' ({mu / mean_std(study[ref][m])[0]:.2f}x)') + \
                      {'holds': ', better', 'does not hold': ', worse', 'within noise': ', within seed spread'}.get(verdict, '')
             cells.append(c)
-        t.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(t)
+        rows.append(cells)
+    return _table(['recipe', 'seeds', *metrics], rows)
 
 # %% ../nbs/02b_teacher.ipynb #c050
 def cli_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info, SHIPPED_TEACHER
-from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample)
+from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample, per_sample)
 from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
 from .stage import build_ctx, on_meta, is_meta
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
@@ -88,8 +88,7 @@ def sample_keys(batch:dict, step:int, seed:int=0) -> list[int]:
 def draw(keys:list, shape:tuple, shift:float=3.0, dist:str='uniform') -> tuple:
     "Per-sample noise level s (B,), dropout uniform u (B,) and noise eps (B, *shape), each sample from its own key."
     gs = [torch.Generator().manual_seed(k) for k in keys]
-    u2 = torch.stack([torch.rand(2, generator=g) for g in gs])
-    eps = torch.stack([torch.randn(shape, generator=g) for g in gs])
+    u2, eps = per_sample(gs, (2,), torch.rand), per_sample(gs, shape)   # each generator: 2 uniforms, then its noise
     t = u2[:, 0] if dist == 'uniform' else torch.sigmoid(math.sqrt(2) * torch.erfinv(2 * u2[:, 0].clamp(1e-6, 1 - 1e-6) - 1))
     return shift_sigma(t, shift), u2[:, 1], eps
 

@@ -20,7 +20,7 @@ from turbotalk.ablate import main_runs, main_params, effective, job_status, run_
 DATA = os.environ.get('SYNTHTALK', 'data/synthtalk')
 RUNS = os.environ.get('RUNS', 'papermill_runs')
 M = main_runs(DATA, RUNS); P = main_params(M)   # the run folders and the Stage-1/2 parameters the ablations share (chapter 07)
-TEACHER = M['teacher']   # the shipped teacher (v1 front end)
+TEACHER = M['teacher']   # the shipped teacher (v2: level front end + augmentation, seed 1 of three)
 EVAL, DMD1, DMD4, ADV = M['eval'], M['dmd1'], M['dmd4'], M['adv']
 META = M['meta']   # the data's identity: generator version, seed, sizes (meta.json without timings)
 TW, SW = M['tw'], M['sw']
@@ -35,7 +35,7 @@ STEPS = [
     ('data', 'nbs/01_data.ipynb', f'{RUNS}/synthtalk', dict(data=DATA, split='test', out=f'{RUNS}/synthtalk'),
      [META], ['01_data.ipynb', 'results.json'], 1, 'a clip seen and heard, model-free sync check (< 1 min)'),
     ('teacher', 'nbs/02b_teacher.ipynb', TEACHER,
-     dict(data=DATA, out=TEACHER, audio_norm='none', aug_gain_db=0.0, aug_noise_p=0.0),
+     dict(data=DATA, out=TEACHER, seed=1),
      [META], ['02b_teacher.ipynb', 'results.json', 'weights/teacher_ema.safetensors'], 1,
      'the embedded synth teacher: 1800 steps of flow matching, then scored (about 60 min; TEACHER=train)'),
     ('eval', 'nbs/05_eval.ipynb', EVAL, dict(data=DATA, n_clips=32, out=EVAL, teacher=TEACHER),

@@ -198,6 +198,25 @@ def test_new_run_replaces_an_earlier_record_but_never_checkpoints(synth, tmp_pat
     assert complete_ckpts(out/'checkpoints') and len(_rows(out)) == len(rows)   # nothing touched
 
 
+def test_resuming_a_finished_committed_run_trains_nothing(synth, tmp_path):
+    "resume=True on a finished run without checkpoints (a committed one) keeps its weights and record; other settings are refused."
+    out = tmp_path/'run'
+    _cli(_tiny_args(synth, out, max_steps=2))
+    shutil.rmtree(out/'checkpoints')                      # as in a fresh clone: weights and record are committed, checkpoints are not
+    before = {f: (out/f).read_bytes() for f in ('metrics.jsonl', 'results.json', 'weights/teacher.safetensors',
+                                                  'weights/teacher_ema.safetensors')}
+    r = subprocess.run([sys.executable, '-m', 'turbotalk.teacher'] + _tiny_args(synth, out, max_steps=2, resume=True),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'nothing is trained' in r.stdout and not (out/'checkpoints').exists()
+    assert all((out/f).read_bytes() == b for f, b in before.items())   # no new rows, the same weights
+    for kw, what in ((dict(max_steps=4), 'max_steps: 2 -> 4'), (dict(max_steps=2, lr_g=1e-3), 'lr_g: 0.002 -> 0.001')):
+        r = subprocess.run([sys.executable, '-m', 'turbotalk.teacher'] + _tiny_args(synth, out, resume=True, **kw),
+                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and 'holds no checkpoint to continue from' in r.stderr and what in r.stderr, r.stderr[-1500:]
+        assert all((out/f).read_bytes() == b for f, b in before.items())
+
+
 # ---------------------------------------------------------------- the shipped teacher
 SHIPPED = ROOT/SHIPPED_TEACHER
 
@@ -207,7 +226,7 @@ def test_shipped_teacher_loads_and_follows_the_audio(tmp_path):
     from turbotalk.metrics import evaluate
     from turbotalk.teacher import teacher_generator, swapped_audio_generator, teacher_features
     model, cfg = load_teacher(SHIPPED); fe = teacher_features(cfg)
-    assert (fe.norm, cfg.aug_noise_p) == ('none', 0.)   # a run from before the level front end: absolute log-mels
+    assert (fe.norm, cfg.aug_gain_db, cfg.aug_noise_p, cfg.seed) == ('level', -30., 0.5, 1)   # v2: level-relative log-mels, augmented
     assert sum(p.numel() for p in model.parameters()) > 1_000_000 and (cfg.preset, cfg.steps) == ('synth', 40)
     data = tmp_path/'st'; write_synthtalk(data, 40, seed=7, size=64, seconds=2.0, workers=0)   # new faces and speech
     cfg.steps = 10

@@ -800,6 +800,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                    'turbotalk.teacher.draw': ('teacher.html#draw', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.drop_flags': ('teacher.html#drop_flags', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.evaluate_teacher': ('teacher.html#evaluate_teacher', 'turbotalk/teacher.py'),
+                                   'turbotalk.teacher.finished_run': ('teacher.html#finished_run', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.load_config': ('teacher.html#load_config', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.load_teacher': ('teacher.html#load_teacher', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.main': ('teacher.html#main', 'turbotalk/teacher.py'),

@@ -31,7 +31,7 @@ def seed_everything(seed:int # the run's seed
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_core.ipynb #c011
-SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_steps1800_seed0'   # the teacher run that ships (v1 front end): every stage, the main job and the pipeline default to it
+SHIPPED_TEACHER = 'papermill_runs/teacher/synth_f8_bs8_lr2e-3_x0_refall_mw4_level-aug_steps1800_seed1'   # the teacher run that ships (v2: level front end + augmentation, seed 1): every stage, the main job and the pipeline default to it
 
 def repo_root() -> Path:
     "The repository this package belongs to (in a notebook: the nearest folder up from the working directory with settings.ini)."

@@ -21,12 +21,12 @@ from .media import write_mp4, side_by_side, save_grid, to_uint8
 from .synthtalk import check_synthtalk
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'ROBUST_CONDITIONS', 'SEED_METRICS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys', 'draw',
-           'drop_flags', 'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data',
-           'teacher_features', 'teacher_aug', 'sample_hook', 'build_teacher', 'train_teacher', 'load_config',
-           'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator', 'evaluate_teacher',
-           'voice_eval_loop', 'robustness_eval', 'recipe_of', 'seed_study', 'seed_table', 'cli_parser', 'main',
-           'papermill_cmd']
+__all__ = ['LOSS_KEYS', 'NOT_TRAINING', 'ROBUST_CONDITIONS', 'SEED_METRICS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys',
+           'draw', 'drop_flags', 'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data',
+           'teacher_features', 'teacher_aug', 'sample_hook', 'build_teacher', 'finished_run', 'train_teacher',
+           'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator',
+           'evaluate_teacher', 'voice_eval_loop', 'robustness_eval', 'recipe_of', 'seed_study', 'seed_table',
+           'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -295,10 +295,36 @@ def _fresh_record(run:RunDir, resume:bool):
     last_ckpt(run, resume=False)   # raises if the folder holds checkpoints
     for f in ('metrics.jsonl', 'results.json'): (run.path/f).unlink(missing_ok=True)
 
+# settings that do not change the trained weights (where the run lives, logging, samples during training, evaluation)
+NOT_TRAINING = ('out', 'resume', 'cpu', 'workers', 'log_every', 'ckpt_every', 'keep', 'max_bad', 'sample_every', 'n_show',
+                'show_steps', 'n_eval', 'eval_seconds', 'steps', 'sample_shift', 's_ref', 's_audio')
+
+def finished_run(run:RunDir, cfg:TeacherConfig) -> bool:
+    """True when `cfg` resumes a run whose checkpoints are gone (a committed run ships weights, not checkpoints) but whose
+    record says it trained to cfg.max_steps with the same training settings: there is nothing left to train."""
+    w = run.path/'weights'
+    steps = run.results().get('train', {}).get('steps', 0)
+    if not cfg.resume or last_ckpt(run) or not steps or not all((w/f).exists() for f in ('teacher.safetensors', 'teacher_ema.safetensors')):
+        return False
+    old = load_config(run.path)
+    diff = [f'{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}' for f in fields(TeacherConfig)
+            if f.name not in NOT_TRAINING + ('max_steps',) and getattr(old, f.name) != getattr(cfg, f.name)]
+    if diff or steps != cfg.max_steps:
+        raise TurboTalkError(f'{run.path} finished training at step {steps} and holds no checkpoint to continue from; '
+                             f'these settings differ from it: {diff + ([f"max_steps: {steps} -> {cfg.max_steps}"] if steps != cfg.max_steps else [])}. '
+                             'Train into another folder (or resume=False there)')
+    return True
+
 def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, list]:
-    "Train a teacher into cfg.out; returns (method, history of process-mean logs)."
+    """Train a teacher into cfg.out; returns (method, history of process-mean logs). Resuming a finished run (`finished_run`:
+    e.g. the committed one, -p resume True) trains nothing: the method holds its weights, the history is its metrics.jsonl."""
     import time
     run = RunDir(cfg.out)
+    if finished_run(run, cfg):
+        print(f'{run.path}: trained to step {cfg.max_steps} already (results.json); its weights are used, nothing is trained')
+        model = load_teacher(run.path, ema=False)[0].train()
+        return (TeacherMethod(model, PixelCodec(2), cfg.shift, cfg.sigma_dist, cfg.p_drop_a, cfg.p_drop_ref, cfg.p_drop_both,
+                              cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed), run.metrics())
     if _is_main(): _fresh_record(run, cfg.resume); run.write_config(cfg); run.write_cmd(cmd)
     seed_everything(cfg.seed)
     ds, dl = train_data(cfg)

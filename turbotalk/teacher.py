@@ -304,7 +304,7 @@ def finished_run(run:RunDir, cfg:TeacherConfig) -> bool:
     record says it trained to cfg.max_steps with the same training settings: there is nothing left to train."""
     w = run.path/'weights'
     steps = run.results().get('train', {}).get('steps', 0)
-    if not cfg.resume or last_ckpt(run) or not steps or not all((w/f).exists() for f in ('teacher.safetensors', 'teacher_ema.safetensors')):
+    if not cfg.resume or last_ckpt(run) or not steps or not (w/'teacher_ema.safetensors').exists():   # a clone has the EMA weights only
         return False
     old = load_config(run.path)
     diff = [f'{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg, f.name)!r}' for f in fields(TeacherConfig)
@@ -317,12 +317,12 @@ def finished_run(run:RunDir, cfg:TeacherConfig) -> bool:
 
 def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, list]:
     """Train a teacher into cfg.out; returns (method, history of process-mean logs). Resuming a finished run (`finished_run`:
-    e.g. the committed one, -p resume True) trains nothing: the method holds its weights, the history is its metrics.jsonl."""
+    e.g. the committed one, -p resume True) trains nothing: the method holds its EMA weights, the history is its metrics.jsonl."""
     import time
     run = RunDir(cfg.out)
     if finished_run(run, cfg):
         print(f'{run.path}: trained to step {cfg.max_steps} already (results.json); its weights are used, nothing is trained')
-        model = load_teacher(run.path, ema=False)[0].train()
+        model = load_teacher(run.path)[0].train()   # the EMA weights (the raw ones are not committed)
         return (TeacherMethod(model, PixelCodec(2), cfg.shift, cfg.sigma_dist, cfg.p_drop_a, cfg.p_drop_ref, cfg.p_drop_both,
                               cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed), run.metrics())
     if _is_main(): _fresh_record(run, cfg.resume); run.write_config(cfg); run.write_cmd(cmd)

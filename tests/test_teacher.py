@@ -208,7 +208,9 @@ def test_resuming_a_finished_committed_run_trains_nothing(synth, tmp_path):
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'nothing is trained' in r.stdout and not (out/'checkpoints').exists()
-    assert all((out/f).read_bytes() == b for f, b in before.items())   # no new rows, the same weights
+    before.pop('results.json'); assert all((out/f).read_bytes() == b for f, b in before.items())   # no new rows, the same weights
+    res = json.loads((out/'results.json').read_text())
+    assert res['train']['steps'] == 2 and res['env']['git'] and 'resume True' in (out/'cmd.txt').read_text()   # this run's record
     for kw, what in ((dict(max_steps=4), 'max_steps: 2 -> 4'), (dict(max_steps=2, lr_g=1e-3), 'lr_g: 0.002 -> 0.001')):
         r = subprocess.run([sys.executable, '-m', 'turbotalk.teacher'] + _tiny_args(synth, out, resume=True, **kw),
                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)

@@ -322,6 +322,8 @@ def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, 
     run = RunDir(cfg.out)
     if finished_run(run, cfg):
         print(f'{run.path}: trained to step {cfg.max_steps} already (results.json); its weights are used, nothing is trained')
+        if _is_main():   # config.json stays the training's record; cmd.txt and results.json's env name this (evaluation) run
+            run.write_cmd(cmd); run.update_results(env=env_info())
         model = load_teacher(run.path)[0].train()   # the EMA weights (the raw ones are not committed)
         return (TeacherMethod(model, PixelCodec(2), cfg.shift, cfg.sigma_dist, cfg.p_drop_a, cfg.p_drop_ref, cfg.p_drop_both,
                               cfg.p_ctx, cfg.n_ctx, cfg.mouth_weight, cfg.loss, cfg.seed), run.metrics())

@@ -3,7 +3,9 @@ FSDP2 train each stage (toy, teacher, DMD, adversarial) to the losses of 1 unsha
 (every per-sample draw is keyed by the sample, never by the process), each process really holds about half of the
 weights, and checkpoints (full state dicts) resume at another world size. With meta_init (the default) process 1 builds
 every network on the meta device and receives process 0's weights in `fit` (each start event says so: built == [1, 0]);
-test_meta_init_only_process0_builds measures the memory that saves and checks the weights and buffers it ends with.
+test_meta_init_only_process0_builds measures the memory that saves and checks the weights and buffers it ends with;
+test_sharded_resume_reads_on_process0_only does the same for a resume (process 0 reads the checkpoint, the others
+receive their shards).
 
 Tolerances: sharding and splitting the batch change only where the gradient average happens (a reduce-scatter instead of
 our all-reduce over per-process means) and how the norm for clipping is summed, so the losses agree to float32

@@ -668,6 +668,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                  'turbotalk.stage.net_state': ('stage.html#net_state', 'turbotalk/stage.py'),
                                  'turbotalk.stage.on_meta': ('stage.html#on_meta', 'turbotalk/stage.py'),
                                  'turbotalk.stage.one_step': ('stage.html#one_step', 'turbotalk/stage.py'),
+                                 'turbotalk.stage.pick_ckpt': ('stage.html#pick_ckpt', 'turbotalk/stage.py'),
                                  'turbotalk.stage.plot_metrics': ('stage.html#plot_metrics', 'turbotalk/stage.py'),
                                  'turbotalk.stage.prepare_data': ('stage.html#prepare_data', 'turbotalk/stage.py'),
                                  'turbotalk.stage.rank0_init': ('stage.html#rank0_init', 'turbotalk/stage.py'),

@@ -36,9 +36,10 @@ __all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
            'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
            'last_ckpt', 'check_finite', 'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem',
-           'resume_ckpt', 'export_weights', 'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles', 'shard_method',
-           'held_share', 'rank0_init', 'on_meta', 'build_ctx', 'main_first', 'is_meta', 'meta_copy', 'built_share',
-           'broadcast_plain', 'from_main', 'setup', 'one_step', 'emergency_save', 'fit', 'read_config', 'config_parser']
+           'pick_ckpt', 'resume_ckpt', 'export_weights', 'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles',
+           'shard_method', 'held_share', 'rank0_init', 'on_meta', 'build_ctx', 'main_first', 'is_meta', 'meta_copy',
+           'built_share', 'broadcast_plain', 'from_main', 'setup', 'one_step', 'emergency_save', 'fit', 'read_config',
+           'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -107,18 +108,19 @@ def net_state(net:nn.Module) -> dict:
     if not is_sharded(net): return net.state_dict()
     return {k: v.clone() for k, v in get_model_state_dict(net, options=FULL).items()}  # own storage (safetensors needs it)
 
-def load_net_state(net:nn.Module, sd:dict):
-    "Load a full state dict (every process passes the same one; a sharded net keeps its shard of each tensor)."
-    if is_sharded(net): set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True))
+def load_net_state(net:nn.Module, sd:dict, bcast:bool=False):
+    """Load a full state dict: every process passes the same one, or (`bcast`, a collective) process 0 passes it, the
+    others `{}`, and each receives process 0's tensors one at a time. A sharded net keeps its shard of each tensor."""
+    if bcast or is_sharded(net): set_model_state_dict(net, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast))
     else: net.load_state_dict(sd)
 
 def role_state(method:Method, roles) -> dict:
     "Flat state dict of `roles` with keys 'role.param' (what checkpoints and exports store)."
     return {f'{r}.{k}': v for r in roles for k, v in net_state(getattr(method, r)).items()}
 
-def load_role_state(method:Method, sd:dict, roles):
-    "Load `role_state` output back into `roles` (strict: every key must match)."
-    for r in roles: load_net_state(getattr(method, r), {k[len(r) + 1:]: v for k, v in sd.items() if k.startswith(r + '.')})
+def load_role_state(method:Method, sd:dict, roles, bcast:bool=False):
+    "Load `role_state` output back into `roles` (strict: every key must match); `bcast`: from process 0, see `load_net_state`."
+    for r in roles: load_net_state(getattr(method, r), {k[len(r) + 1:]: v for k, v in sd.items() if k.startswith(r + '.')}, bcast)
 
 def train_only(method:Method, roles):
     "Make exactly the trainable `roles` require grad: the other trainable role is frozen during this update."
@@ -215,7 +217,7 @@ class EMA(nn.Module):
         try: yield method
         finally: swap()
     def full_state(self) -> dict: return {f'roles.{k}': v for k, v in role_state(self.roles, list(self.roles)).items()}
-    def load_full_state(self, sd:dict): load_role_state(self.roles, {k[6:]: v for k, v in sd.items()}, list(self.roles))
+    def load_full_state(self, sd:dict, bcast:bool=False): load_role_state(self.roles, {k[6:]: v for k, v in sd.items()}, list(self.roles), bcast)
 
 def _local(t): return t.to_local() if isinstance(t, DTensor) else t
 
@@ -493,24 +495,30 @@ def _by_name(m:Method, opt, sd:dict) -> dict:
     return {'state': {fq[int(i)]: v for i, v in sd['state'].items()},
             'param_groups': [{**g, 'params': [fq[int(i)] for i in g['params']]} for g in sd['param_groups']]}
 
-def load_optims(st, path:Path):
-    "Full (name-keyed) optimiser states into this run's optimisers, sharded or not; also reads an unsharded run's optimizer.bin."
+def load_optims(st, path:Path, bcast:bool=False):
+    """Full (name-keyed) optimiser states into this run's optimisers, sharded or not; also reads an unsharded run's
+    optimizer.bin. `bcast` (a collective): process 0 alone reads the files, the others receive their shards."""
+    opts, read = StateDictOptions(full_state_dict=True, broadcast_from_rank0=bcast), st.acc.is_main_process or not bcast
     for i, (k, o) in enumerate(st.opts.items()):
         o = getattr(o, 'optimizer', o)   # Accelerate's wrapper
         f, bin_ = path/f'optim_{k}.pt', path/('optimizer.bin' if i == 0 else f'optimizer_{i}.bin')
-        sd = torch.load(f, weights_only=True) if f.is_file() else _by_name(st.method, o, torch.load(bin_, weights_only=True))
-        set_optimizer_state_dict(st.method, o, sd, options=StateDictOptions(full_state_dict=True))
+        if not read: sd = {}
+        elif f.is_file(): sd = torch.load(f, weights_only=True)
+        else: sd = _by_name(st.method, o, torch.load(bin_, weights_only=True))
+        set_optimizer_state_dict(st.method, o, sd, options=opts)
 
 # %% ../nbs/02a_stage.ipynb #c040b
 def load_ckpt(st, path:Path):
-    "Restore weights, EMA, optimisers, scaler, RNG and the step counter from checkpoint `path` (at any world size)."
-    named = (path/'optim_g.pt').is_file()   # written by a sharded run
-    with _without_optims(st.acc, named): st.acc.load_state(str(path))
+    """Restore weights, EMA, optimisers, scaler, RNG and the step counter from checkpoint `path` (at any world size).
+    Sharded: only the main process reads the full files; the others receive their shards from it (collectives)."""
+    named, bcast = (path/'optim_g.pt').is_file(), st.sharded   # optim_g.pt: written by a sharded run
+    read = lambda f: load_weights(f) if st.acc.is_main_process or not bcast else {}
+    with _without_optims(st.acc, named): st.acc.load_state(str(path))   # RNG (each process its own file), scaler
     m = st.method
-    if named or st.sharded: load_optims(st, path)
-    load_role_state(m, load_weights(path/'weights.safetensors'), m.g_roles + m.d_roles)
+    if named or bcast: load_optims(st, path, bcast)
+    load_role_state(m, read(path/'weights.safetensors'), m.g_roles + m.d_roles, bcast)
     if st.ema is not None:
-        if (path/'ema.safetensors').exists(): st.ema.load_full_state(load_weights(path/'ema.safetensors'))
+        if (path/'ema.safetensors').exists(): st.ema.load_full_state(read(path/'ema.safetensors'), bcast)
         else: st.ema = EMA(m, st.cfg.ema)  # EMA switched on at resume: start it from the weights
     prog = json.loads((path/'progress.json').read_text())
     st.step, st.n_bad = prog['step'], prog['n_bad']
@@ -530,16 +538,24 @@ def ckpt_problem(path:Path) -> str:
     except Exception as e: return f'{type(e).__name__}: {e}'
     return ''
 
+def pick_ckpt(st) -> tuple:
+    "(the newest intact complete checkpoint or None, [(newer corrupt one, why)]): the main process checks, every process gets its choice."
+    ps, good, bad = last_ckpt(st.run, st.phase, st.cfg.resume) and complete_ckpts(ckpt_root(st.run, st.phase)), None, []
+    if st.acc.is_main_process:
+        for p in reversed(ps):
+            if not (why := ckpt_problem(p)): good = p; break
+            bad.append((p, why))
+    if st.acc.num_processes > 1:
+        pick = [good, bad]; dist.broadcast_object_list(pick, src=0); good, bad = pick
+    return good, bad
+
 def resume_ckpt(st) -> Path|None:
     "Load the newest complete checkpoint that is intact; corrupt newer ones are set aside (step_X.corrupt) with a warning."
-    ps, good, bad = last_ckpt(st.run, st.phase, st.cfg.resume) and complete_ckpts(ckpt_root(st.run, st.phase)), None, []
-    for p in reversed(ps):
-        if not (why := ckpt_problem(p)): good = p; break
-        bad.append((p, why))
+    good, bad = pick_ckpt(st)
     for p, why in bad: warnings.warn(f'checkpoint {p} is corrupt ({why}): resuming from the one before')
-    if ps and good is None: raise TurboTalkError(f'every checkpoint under {ckpt_root(st.run, st.phase)} is corrupt: {bad}')
+    if bad and good is None: raise TurboTalkError(f'every checkpoint under {ckpt_root(st.run, st.phase)} is corrupt: {bad}')
     if good is not None: load_ckpt(st, good)
-    st.acc.wait_for_everyone()   # every process has chosen before the corrupt ones are moved
+    st.acc.wait_for_everyone()   # every process has loaded before the corrupt ones are moved
     if st.acc.is_main_process:
         for p, _ in bad: shutil.rmtree(p.with_suffix('.corrupt'), ignore_errors=True); p.rename(p.with_suffix('.corrupt'))
     return good

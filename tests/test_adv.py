@@ -179,3 +179,33 @@ def test_loss_options_at_zero_heads(tiny, kind):
         assert ('sc' in glogs) == (lam > 0) and float(glogs['gap_real_fake']) == 0 and float(dlogs['r1']) == 0
     l = m.logits([m.codec.encode(b['x'])], m.cond(b, m.codec.encode(b['x']), False), torch.full((2,), .5), torch.randn(2, 12, 4, 8, 8))[0]
     assert torch.equal(l.detach(), torch.zeros(2))
+
+
+def test_lora_discriminator_trains_adapters_and_heads_and_resumes(synth, tmp_path):
+    """d_backbone='lora' (phase 3 only): D's trainable parameters are chapter 08's lora_params(4) plus the heads; its
+    frozen base stays the phase's start student bit for bit; a phase stopped at its step-2 checkpoint (its exported
+    weights removed, as a kill before the export leaves it) resumes to the straight run's losses and weights."""
+    import shutil
+    from turbotalk.dmd import load_student
+    from turbotalk.scale import lora_params
+    kw = lambda out, **k: AdvConfig(**_tiny(synth, out, **{**dict(steps=3, phase_iters='4', d_backbone='lora', d_lora_rank=4, n_show=0), **k}))
+    m, h = train_adv(kw(tmp_path/'straight'))
+    heads = sum(p.numel() for p in m.heads.parameters())
+    assert sum(p.numel() for p in m.d_params()) == lora_params(load_student(synth/'dmd4')[0].net, 4) + heads
+    disc = load_weights(tmp_path/'straight'/'weights'/'3'/'disc.safetensors')
+    assert sum(v.numel() for v in disc.values()) == lora_params(load_student(synth/'dmd4')[0].net, 4)
+    s0 = load_weights(synth/'dmd4'/'weights'/'student_ema.safetensors')
+    base = {k.replace('.base_layer', ''): v for k, v in m.disc_base.state_dict().items() if 'lora_' not in k}
+    assert sorted(base) == sorted(s0) and all(torch.equal(base[k], s0[k]) for k in s0)
+    train_adv(kw(tmp_path/'stopped', phase_iters='2'))
+    shutil.rmtree(tmp_path/'stopped'/'weights'/'3')
+    _, h2 = train_adv(kw(tmp_path/'stopped', resume=True))
+    assert [r['step'] for r in h2[3]] == [3, 4]
+    a, b = _rows(tmp_path/'straight'), _rows(tmp_path/'stopped')
+    for key in ('g_loss', 'd_loss', 'r1', 'gap_real_fake'):
+        x, y = _losses(a, '3', key), _losses(b, '3', key)
+        assert sorted(y) == [3, 4]
+        np.testing.assert_allclose([y[k] for k in sorted(y)], [x[k] for k in sorted(y)], rtol=1e-5, err_msg=key)
+    for f in ('disc', 'heads', 'student_ema'):
+        wa, wb = (load_weights(tmp_path/r/'weights'/'3'/f'{f}.safetensors') for r in ('straight', 'stopped'))
+        for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

@@ -118,3 +118,29 @@ def test_missing_teacher_names_the_command(synth, tmp_path):
     with pytest.raises(TurboTalkError, match='papermill nbs/02b_teacher.ipynb'):
         train_dmd(DMDConfig(**_tiny(synth, tmp_path/'x', teacher=str(tmp_path/'no_teacher'))))
     assert not (tmp_path/'x'/'metrics.jsonl').exists()   # nothing written before the check
+
+
+def _no_lora(sd:dict) -> dict: return {k.replace('.base_layer', ''): v for k, v in sd.items() if 'lora_' not in k}
+
+def test_lora_fake_score_trains_adapters_only_and_resumes(synth, tmp_path):
+    """fake_lora=4: the fake score's trainable parameters (exported as weights/fake.safetensors) are chapter 08's
+    lora_params(4); the teacher it shares stays bit for bit the teacher run's weights; a run stopped at its step-2
+    checkpoint resumes to the straight run's losses and weights."""
+    from turbotalk.scale import lora_params
+    from turbotalk.teacher import load_teacher
+    kw = _tiny(synth, tmp_path/'straight', max_steps=4, n_show=0, fake_lora=4)
+    m, h = train_dmd(DMDConfig(**kw))
+    fake, t = load_weights(tmp_path/'straight'/'weights'/'fake.safetensors'), load_weights(synth/'teacher'/'weights'/'teacher_ema.safetensors')
+    assert sum(v.numel() for v in fake.values()) == sum(p.numel() for p in m.d_params()) == lora_params(load_teacher(synth/'teacher')[0].net, 4)
+    assert all(float(v.abs().sum()) > 0 for k, v in fake.items() if k.endswith('.B.weight'))      # the adapters moved (B starts at 0)
+    base = _no_lora(m.teacher.state_dict()); assert sorted(base) == sorted(t) and all(torch.equal(base[k], t[k]) for k in t)
+    train_dmd(DMDConfig(**{**kw, 'out': str(tmp_path/'stopped'), 'max_steps': 2}))
+    _, h2 = train_dmd(DMDConfig(**{**kw, 'out': str(tmp_path/'stopped'), 'resume': True}))
+    assert [r['step'] for r in h2] == [3, 4]
+    for key in ('fake_loss', 'g_loss', 'dmd_grad'):
+        a, b = _losses(_rows(tmp_path/'straight'), key), _losses(_rows(tmp_path/'stopped'), key)
+        assert b and all(k > 2 for k in b)
+        np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(b)], rtol=1e-5)
+    for f in ('fake', 'student_ema'):
+        wa, wb = (load_weights(tmp_path/r/'weights'/f'{f}.safetensors') for r in ('straight', 'stopped'))
+        for k in wa: torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)

@@ -178,3 +178,25 @@ def test_sharded_resume_reads_on_process0_only(tmp_path):
     assert not big & {f for _, f in b[1]['read']} and not [f for how, f in b[1]['read'] if how == 'hash'], b[1]['read']
     mb = b[0]['model_mb']
     assert b[1]['resume_mb'] < b[0]['resume_mb'] - mb, (b[0]['resume_mb'], b[1]['resume_mb'], mb)
+
+# ---------------------------------------------------------------- LoRA critic / discriminator (adapters sharded with their base)
+def test_lora_fsdp2_matches_one_process_and_resumes_in_one(synth, tmp_path):
+    """DMD with a LoRA fake score (fake_lora: adapters on the sharded teacher) and one adversarial phase with a LoRA
+    discriminator (d_backbone='lora'): 2 sharded processes train to the losses of 1 process and export the same full
+    adapters; DMD's sharded step-2 checkpoint (full adapter tensors) resumes in 1 process."""
+    a = lambda out, **kw: {**_dmd_args(synth, out), 'max_steps': 4, 'n_show': 0, 'fake_lora': 4, **kw}
+    _cli('dmd', a(tmp_path/'one'))
+    _cli('dmd', a(tmp_path/'fsdp', shard='fsdp2'), procs=2)
+    _check_sharded(_starts(tmp_path/'fsdp')[0])
+    for k in ('g_loss', 'fake_loss'): _same(_by_step(tmp_path/'one', k), _by_step(tmp_path/'fsdp', k))
+    wa, wb = (load_weights(tmp_path/r/'weights'/'fake.safetensors') for r in ('one', 'fsdp'))
+    assert sorted(wa) == sorted(wb)
+    for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=2e-5)   # Adam: near-zero grads, their summation-order noise scaled up (measured 3e-6 to 7e-6)
+    shutil.copytree(tmp_path/'fsdp'/'checkpoints'/'step_000002', tmp_path/'mix'/'checkpoints'/'step_000002')
+    _cli('dmd', a(tmp_path/'mix', resume='true'))
+    _same({k: v for k, v in _by_step(tmp_path/'one', 'fake_loss').items() if k > 2}, _by_step(tmp_path/'mix', 'fake_loss'))
+    b = lambda out, **kw: {**_adv_args(synth, out), 'steps': 3, 'phase_iters': '2', 'd_backbone': 'lora', 'd_lora_rank': 4, 'n_show': 0, **kw}
+    _cli('adv', b(tmp_path/'adv_one'))
+    _cli('adv', b(tmp_path/'adv_fsdp', shard='fsdp2'), procs=2)
+    _check_sharded(_starts(tmp_path/'adv_fsdp', '3')[0])
+    for k in ('g_loss', 'd_loss'): _same(_by_step(tmp_path/'adv_one', k, '3'), _by_step(tmp_path/'adv_fsdp', k, '3'))

@@ -21,7 +21,7 @@ from .sampling import step_list, generate, few_step_generator, eval_clips, write
 from .media import save_grid
 from .synthtalk import check_synthtalk
 from .teacher import SHIPPED_TEACHER
-from .dmd import sample_rngs
+from .dmd import sample_rngs, LoRA, add_lora
 
 # %% auto #0
 __all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'phase_rngs', 'shared_rng', 'phase_sigmas',
@@ -140,7 +140,8 @@ class AdvConfig(StageConfig):
     warm_iters: int = 100        # warm-up iterations of progressive timestep sampling after each phase switch
     d_blocks: str = ''           # backbone blocks with a head, comma-separated (empty: the middle and the last)
     d_hidden: int = 0            # hidden width of the heads (0: the model width)
-    d_backbone: str = 'full'     # discriminator backbone 'full' (trained) or 'frozen' (heads only)
+    d_backbone: str = 'full'     # discriminator backbone 'full' (trained), 'frozen' (heads only) or 'lora' (frozen + trained LoRA adapters)
+    d_lora_rank: int = 16        # rank of those adapters (d_backbone='lora')
     d_carry: bool = False        # start D from the previous phase's D (else a fresh copy of the phase's start student)
     d_t_min: float = 0.02        # D's re-noising levels: uniform in [d_t_min, d_t_max], then shifted
     d_t_max: float = 0.98        # ...
@@ -165,7 +166,7 @@ class AdvConfig(StageConfig):
     dmd1: str = ''               # direct 1-step DMD run whose rows join the table and the checks (empty: none)
 
 # %% ../nbs/04_adv_distill.ipynb #c022
-_CHOICES = dict(timesteps=TIMESTEPS, loss=tuple(GAN_LOSSES), phase_init=('ema', 'raw'), d_backbone=('full', 'frozen'),
+_CHOICES = dict(timesteps=TIMESTEPS, loss=tuple(GAN_LOSSES), phase_init=('ema', 'raw'), d_backbone=('full', 'frozen', 'lora'),
                 sc_pairing=('paired', 'independent'))
 
 @patch
@@ -175,7 +176,8 @@ def __post_init__(self:AdvConfig):
         if isinstance(f.default, str) and not isinstance(getattr(self, f.name), str): setattr(self, f.name, str(getattr(self, f.name)))
     for k, ok in _CHOICES.items():
         if getattr(self, k) not in ok:
-            raise TurboTalkError(f'{k} must be one of {ok}, got {getattr(self, k)!r}' + (' (LoRA would need peft, which is not installed)' if k == 'd_backbone' else ''))
+            raise TurboTalkError(f'{k} must be one of {ok}, got {getattr(self, k)!r}')
+    if self.d_lora_rank < 1: raise TurboTalkError(f'd_lora_rank is a LoRA rank >= 1, got {self.d_lora_rank}')
     ns = [len(step_list(s)) for s in self.sigmas.split(';') if s.strip()]
     if len(set(ns)) < len(ns): raise TurboTalkError(f'sigmas gives two step lists with the same number of levels: {self.sigmas}')
     if any(i < 1 for i in _ints(self.phase_iters, 'phase_iters')) or self.steps < 1: raise TurboTalkError('phase_iters and steps must be >= 1')
@@ -196,6 +198,7 @@ class AdvMethod(Method):
                  shift:float=3.0,          # shift of D's re-noising levels
                  codec=None):
         super().__init__()
+        if cfg.d_backbone == 'lora': self.disc_base, disc = disc, add_lora(disc, cfg.d_lora_rank, cfg.seed)   # D trains the adapters
         self.student, self.disc, self.prev, self.cfg, self.shift = student, disc, prev, cfg, shift
         self.sigmas, self.old, self.prev_sigmas = step_list(sigmas), old and step_list(old), step_list(prev_sigmas)
         self.n, self.codec, self.blocks = len(self.sigmas), codec or PixelCodec(2), head_blocks(cfg.d_blocks, len(disc.net.blocks))
@@ -203,6 +206,7 @@ class AdvMethod(Method):
         self.heads = nn.ModuleList([DiscHead(D, cfg.d_hidden) for _ in self.blocks])
         self.d_roles = ('heads',) if cfg.d_backbone == 'frozen' else ('disc', 'heads')
         if prev is not None: prev.requires_grad_(False).eval()
+        if isinstance(disc, LoRA): self.unsharded = self.unsharded + ('disc',)   # FSDP2 shards the adapters with disc_base's blocks
         self.show, self._cache = {}, None
 
 # %% ../nbs/04_adv_distill.ipynb #c026

@@ -4,12 +4,14 @@
 
 # %% ../nbs/03_dmd.ipynb #c002
 from __future__ import annotations
-import json, math, os, time, zlib
+import json, math, os, re, time, zlib
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
@@ -23,10 +25,11 @@ from .synthtalk import check_synthtalk
 from .teacher import SHIPPED_TEACHER, sample_keys
 
 # %% auto #0
-__all__ = ['LOSS_KEYS', 'sample_rngs', 'pick_step', 'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs',
-           'ode_pairs', 'RegressMethod', 'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config',
-           'load_student', 'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table',
-           'main', 'papermill_cmd']
+__all__ = ['LORA_TARGETS', 'LOSS_KEYS', 'sample_rngs', 'pick_step', 'lora_targets', 'lora_layers', 'lora_on', 'LoRA', 'add_lora',
+           'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs', 'ode_pairs', 'RegressMethod',
+           'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config', 'load_student',
+           'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table', 'main',
+           'papermill_cmd']
 
 # %% ../nbs/03_dmd.ipynb #c005
 def sample_rngs(batch:dict, step:int, tag:str, seed:int=0) -> list:
@@ -37,6 +40,63 @@ def sample_rngs(batch:dict, step:int, tag:str, seed:int=0) -> list:
 def pick_step(n:int, step:int, seed:int=0) -> int:
     "The generator step k in 1..n trained at this iteration (the same on every process)."
     return int(torch.randint(1, n + 1, (1,), generator=step_rng(step, seed)))
+
+# %% ../nbs/03_dmd.ipynb #c017b
+LORA_TARGETS = ('to_q', 'to_k', 'to_v', 'to_out.0', 'ffn.net.0.proj', 'ffn.net.2')   # chapter 08's list
+
+def lora_targets(net:nn.Module, targets=LORA_TARGETS) -> list[str]:
+    "Names of the nn.Linear modules LoRA adapts: `targets` in the Wan blocks and the audio attention (chapter 08's `lora_params`)."
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n.endswith(targets)
+            and re.search(r'(^|\.)(blocks|audio_attn)\.\d+\.', n)]
+
+def lora_layers(net:nn.Module) -> list:
+    from peft.tuners.lora import LoraLayer
+    return [m for m in net.modules() if isinstance(m, LoraLayer)]
+
+@contextmanager
+def lora_on(net:nn.Module):
+    "Switch the LoRA adapters of `net` on inside the block (they are off otherwise); no requires_grad is touched."
+    ls = lora_layers(net)
+    for l in ls: l._disable_adapters = False
+    try: yield net
+    finally:
+        for l in ls: l._disable_adapters = True
+
+# %% ../nbs/03_dmd.ipynb #c017c
+class LoRA(nn.Module):
+    "A frozen base network seen with its LoRA adapters on: calling it runs the base; its parameters are the adapters only."
+    def __init__(self, base:nn.Module):
+        super().__init__()
+        object.__setattr__(self, 'base', base)   # not a child: the base is a frozen role of its own (e.g. the teacher)
+        from peft.tuners.lora import LoraLayer
+        self.layers = nn.ModuleDict({n.replace('.', '/'): nn.ModuleDict(dict(A=l.lora_A['default'], B=l.lora_B['default']))
+                                     for n, l in base.named_modules() if isinstance(l, LoraLayer)})   # keys: module paths, '/' for '.' 
+    def forward(self, *args, **kw):
+        with lora_on(self.base): return self.base(*args, **kw)
+    def state_dict(self, *args, **kw):
+        "The adapters; full tensors where FSDP2 sharded them with their base (a collective then: every process calls it)."
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in super().state_dict(*args, **kw).items()}
+    def load_state_dict(self, sd:dict, strict:bool=True, assign:bool=False):
+        "Full adapter tensors back in (each process keeps its own slice of a sharded one)."
+        ps = dict(self.named_parameters())
+        sh = lambda k, v: distribute_tensor(v.to(ps[k].device), ps[k].device_mesh, ps[k].placements, src_data_rank=None)
+        return super().load_state_dict({k: sh(k, v) if isinstance(ps.get(k), DTensor) else v for k, v in sd.items()}, strict, assign)
+    def __getattr__(self, k):   # anything else (net, config, ...) is the base's
+        try: return super().__getattr__(k)
+        except AttributeError:
+            if k.startswith('_') or 'base' not in self.__dict__: raise
+            return getattr(self.__dict__['base'], k)
+
+def add_lora(net:nn.Module, rank:int, seed:int=0) -> LoRA:
+    "Inject rank-`rank` LoRA adapters (peft, seeded) into `net` in place, switched off, freeze `net`; the `LoRA` view that trains them."
+    from peft import LoraConfig, inject_adapter_in_model
+    if rank < 1: raise TurboTalkError(f'a LoRA rank is >= 1, got {rank}')
+    if lora_layers(net): raise TurboTalkError('this network already has LoRA adapters')
+    with torch.random.fork_rng(devices=[]):   # A's init draws from a seed of its own, never from the training RNG
+        torch.manual_seed(seed)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=lora_targets(net)), net)
+    for l in lora_layers(net): l._disable_adapters = True
+    return LoRA(net.requires_grad_(False))
 
 # %% ../nbs/03_dmd.ipynb #c008
 class DMDMethod(Method):
@@ -57,6 +117,7 @@ class DMDMethod(Method):
         self.codec, self.sigmas, self.guidance = codec or PixelCodec(2), step_list(sigmas), guidance
         self.shift, self.t_range, self.fake_loss, self.seed = shift, tuple(t_range), fake_loss, seed
         self.gan_weight, self.gan_layer = gan_weight, gan_layer % len(fake.net.blocks)
+        if isinstance(fake, LoRA): self.unsharded = self.unsharded + ('fake',)   # FSDP2 shards its adapters with the teacher's blocks
         if gan_weight > 0:
             D = fake.net.config.num_attention_heads * fake.net.config.attention_head_dim
             self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D), nn.SiLU(), nn.Linear(D, 1))
@@ -153,6 +214,7 @@ class DMDConfig(StageConfig):
     fake_loss: str = ''          # fake-score loss 'x0' or 'v' (empty: the teacher's)
     gan_weight: float = 0.0      # DMD2's optional GAN term on the fake score (0: off)
     gan_layer: int = -1          # fake-score block the GAN head reads
+    fake_lora: int = 0           # LoRA rank of the fake score: adapters on the teacher's frozen weights (0: a full trained copy)
     warm_pairs: int = 0          # warm start: teacher ODE pairs to regress on first (0: off)
     warm_steps: int = 200        # warm-start regression iterations
     warm_lr: float = 1e-4        # its learning rate
@@ -172,6 +234,7 @@ def __post_init__(self:DMDConfig):
     if not 0 <= self.t_min < self.t_max <= 1: raise TurboTalkError(f'need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}')
     if self.fake_loss not in ('', 'x0', 'v'): raise TurboTalkError(f"fake_loss must be 'x0', 'v' or empty, got {self.fake_loss!r}")
     if self.gan_weight < 0 or self.warm_pairs < 0: raise TurboTalkError('gan_weight and warm_pairs must be >= 0')
+    if not isinstance(self.fake_lora, int) or self.fake_lora < 0: raise TurboTalkError(f'fake_lora is a LoRA rank >= 0 (0: a full fake score), got {self.fake_lora!r}')
     if self.warm_pairs and self.warm_pairs < self.bs: raise TurboTalkError(f'warm_pairs ({self.warm_pairs}) must be at least bs ({self.bs})')
 
 # %% ../nbs/03_dmd.ipynb #c019
@@ -188,10 +251,12 @@ def _guidance(cfg:DMDConfig, tcfg) -> tuple:
     return (tcfg.s_ref if cfg.s_ref < 0 else cfg.s_ref, tcfg.s_audio if cfg.s_audio < 0 else cfg.s_audio)
 
 def build_dmd(cfg:DMDConfig):
-    "(DMDMethod with student and fake score copied from the teacher, the teacher's TeacherConfig)."
+    "(DMDMethod with the student copied from the teacher and the fake score a copy or a LoRA on it, the teacher's TeacherConfig)."
     from turbotalk.teacher import load_teacher
     teacher, tcfg = load_teacher(need_teacher(cfg.teacher))
-    m = DMDMethod(teacher, deepcopy(teacher).train(), deepcopy(teacher).train(), cfg.sigmas, _guidance(cfg, tcfg),
+    student = deepcopy(teacher).train()   # before any adapter is injected into the teacher
+    fake = add_lora(teacher, cfg.fake_lora, cfg.seed) if cfg.fake_lora else deepcopy(teacher).train()   # LoRA: on the teacher's weights
+    m = DMDMethod(teacher, student, fake, cfg.sigmas, _guidance(cfg, tcfg),
                   cfg.shift or tcfg.shift, (cfg.t_min, cfg.t_max), cfg.fake_loss or tcfg.loss, cfg.gan_weight,
                   cfg.gan_layer, PixelCodec(2), cfg.seed)
     return m, tcfg

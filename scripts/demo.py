@@ -26,8 +26,8 @@ META = M['meta']   # the data's identity: generator version, seed, sizes (meta.j
 TW, SW = M['tw'], M['sw']
 PROBES = 'papermill_runs/eval_probes/st64_seed0/probes/probes.json'
 ONE = 'weights/1/student_ema.safetensors'   # a Stage-2 run's one-step student
-# the Stage-2 run whose one-step student ships (git add -f): until the main job's adv run ships its weights, the d_mismatch run
-SHIP = 'papermill_runs/adv/synth_adv_mis1_seed0'   # committed, like the probes: not made by this job
+# the Stage-2 run whose one-step student ships (git add -f): the main job's own adv run
+SHIP = ADV
 PIPE = f'{RUNS}/pipeline/synth_1step'
 
 # name, notebook, run folder, parameters (what the run is made from), input files, outputs, torch threads, about (2-core CPU)

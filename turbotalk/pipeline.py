@@ -289,7 +289,7 @@ def write_talk(path, frames, audio, fps:float=25, sr:int=16000) -> Path:
     return path
 
 # %% ../nbs/06_pipeline.ipynb #c035
-ADV_RUN = 'papermill_runs/adv/synth_adv_mis1_seed0'   # the Stage-2 run whose 1-step student ships (scripts/demo.py: SHIP)
+ADV_RUN = 'papermill_runs/adv/synth_adv_seed0'        # the Stage-2 run whose 1-step student ships (scripts/demo.py: SHIP)
 MODELS = dict(turbotalk=ADV_RUN,                                                     # Stage 2: 3, 2, 1 steps (default 1)
               dmd='papermill_runs/dmd/synth_dmd4_seed0',                             # Stage 1: the DMD 4-step student
               teacher=SHIPPED_TEACHER)  # 40 Euler steps x 3 CFG

@@ -205,6 +205,7 @@ def test_papermill_tiny_run_writes_the_measurements(tmp_path):
     assert (s['model'], s['frames'], s['mp4_frames'], s['chunks'], s['nfe_per_chunk']) == ('random 1-step', 32, 32, 5, 1)
     assert abs(s['mp4_audio_s'] - 1.28) < 0.05 and s['saved_identical'] and s['identical_rerun']
     assert all(s[k] > 0 for k in ('load_s', 'first_frame_s', 'generate_s', 'rtf', 'load_saved_s'))
+    assert s['cli_s'] > 0 and s['cli'].startswith('turbotalk generate --image') and str(tmp_path) in s['cli']   # the whole command, timed
     assert s['teacher']['model'] == 'random teacher 2 x 3 CFG' and s['teacher']['nfe'] == 4 * 6 and s['speedup'] > 0
     L = R['long']
     assert L['trace']['seams'] == [8, 14, 20, 26] and len(L['trace']['model']) == 31 and len(L['clips']) == 2

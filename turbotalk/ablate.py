@@ -117,7 +117,7 @@ def main_params(m:dict) -> dict:
     up = dict(teacher=m['teacher'], data=m['data'], eval_cache=m['eval'])
     return dict(dmd1=up | dict(sigmas='1'), dmd4=up | dict(others=m['dmd1']),
                 adv=dict(steps=1, teacher=m['teacher'], student4=m['dmd4'], data=m['data'], eval_cache=m['eval'],
-                         dmd1=m['dmd1'], phase_iters='100,100,100', warm_iters=50))
+                         dmd1=m['dmd1'], phase_iters='100,100,300', warm_iters=50))
 
 # %% ../nbs/07_ablate.ipynb #c020
 @dataclass
@@ -198,8 +198,8 @@ STUDIES = [
     Study('timesteps', vary=[dict(timesteps=t) for t in ('progressive', 'fixed', 'uniform')], about='timestep sampling in each phase', **_adv),
     Study('lambda_sc', vary=[dict(lambda_sc=v) for v in (0, 0.25, 0.5, 1, 2)], about='self-compare weight (0: off)', **_adv),
     Study('loss', vary=[dict(loss=v) for v in ('r3gan', 'hinge', 'ns')], about='adversarial loss', **_adv),
-    Study('direct', vary=[dict(phase_iters='100,100,100'), dict(phase_iters='1,1,298')], needs=('dmd1',),
-          about='progressive 4 -> 3 -> 2 -> 1 vs direct 4 -> 1 (proxy: phase_iters 1,1,298)', **_adv),
+    Study('direct', vary=[dict(phase_iters='100,100,300'), dict(phase_iters='1,1,498')], needs=('dmd1',),
+          about='progressive 4 -> 3 -> 2 -> 1 vs direct 4 -> 1 (proxy: phase_iters 1,1,498)', **_adv),
 ]
 
 # %% ../nbs/07_ablate.ipynb #c029
@@ -219,8 +219,8 @@ class Optimum:
 
 CLAIMS = [
     Claim('progressive 4->3->2->1 > direct 1-step DMD', ('adv', 'synth_adv'), ('dmd1', 'synth_dmd1')),
-    Claim('progressive 4->3->2->1 > direct 4->1 adversarial (proxy: phase_iters 1,1,298)',
-          ('direct', 'phase_iters-100-100-100'), ('direct', 'phase_iters-1-1-298')),
+    Claim('progressive 4->3->2->1 > direct 4->1 adversarial (proxy: phase_iters 1,1,498)',
+          ('direct', 'phase_iters-100-100-300'), ('direct', 'phase_iters-1-1-498')),
     Claim('self-compare helps: lambda_sc 0.5 > 0 (off)', ('lambda_sc', 'lambda_sc0.5'), ('lambda_sc', 'lambda_sc0')),
     Claim('progressive timestep sampling > fixed', ('timesteps', 'timesteps-progressive'), ('timesteps', 'timesteps-fixed')),
     Claim('progressive timestep sampling > uniform', ('timesteps', 'timesteps-progressive'), ('timesteps', 'timesteps-uniform')),

@@ -47,7 +47,7 @@ STEPS = [
      [META, TW], ['03_dmd.ipynb', 'results.json', 'weights/student_ema.safetensors'], 2,
      'Stage 1: DMD of the teacher into the 4-step student (about 20 min)'),
     ('adv', 'nbs/04_adv_distill.ipynb', ADV, dict(out=ADV, **P['adv']),
-     [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md'], 2,
+     [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md', ONE], 2,
      'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 70 min)'),
     ('pipeline', 'nbs/06_pipeline.ipynb', PIPE, dict(model=SHIP, steps=1, teacher=TEACHER, data=DATA, out=PIPE, threads=2),
      [META, TW, f'{SHIP}/{ONE}', PROBES], ['06_pipeline.ipynb', 'results.json'], 2,

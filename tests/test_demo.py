@@ -80,3 +80,22 @@ def test_clear_errors(finished):
     _run(env, '--adopt', 'all'); (Path(m.TW)).unlink()
     r = _run(env, check=False)
     assert r.returncode != 0 and 'TEACHER=train make demo trains it' in r.stderr, r.stdout + r.stderr
+
+
+def test_a_step_made_again_starts_in_an_empty_folder(finished, monkeypatch):
+    """A step whose inputs changed must not find the earlier record's finished phases, exported weights, scored rows or checkpoints
+    (chapter 04 would skip a phase whose weights exist and keep rows already in results.json): they are moved aside, never deleted."""
+    import turbotalk.ablate as ab
+    m, data, runs, env = finished
+    adv = Path(m.ADV); (adv/'weights'/'1').mkdir(parents=True, exist_ok=True); (adv/'weights'/'1'/'student_ema.safetensors').write_bytes(b'old weights')
+    (adv/'checkpoints'/'1'/'step_000100').mkdir(parents=True); (adv/'results.json').write_text('{"rows": [{"name": "TurboTalk 1 step"}]}')
+    old = _snapshot(adv); seen = []
+    monkeypatch.setattr(ab, 'run_notebook', lambda nb, run, *a, **k: seen.append(sorted(p.name for p in Path(run).iterdir())))
+    for _ in range(2):                                                # twice: the second keeps the first's stale folder as it is
+        ab.run_job('nbs/04_adv_distill.ipynb', adv, {}, {}, fresh=True, resume=True)
+    assert seen[0][0] == 'inputs.json' and len(seen[0]) == 2 and seen[0][1].startswith('stale-'), seen
+    stale = adv/seen[0][1]
+    assert {k: v for k, v in _snapshot(stale).items()} == {k: v for k, v in old.items() if k != 'inputs.json'}   # all of it, unchanged
+    assert seen[1] == seen[0]                                         # nothing new to set aside: no second stale folder
+    ab.run_job('nbs/04_adv_distill.ipynb', adv, {}, {}, fresh=False, resume=True)   # a resumed job keeps its folder as it is
+    assert seen[2] == seen[0]

@@ -60,12 +60,15 @@ def job_status(run, eff:dict, files=(), outputs=(), nb=None) -> tuple:
     try: return run_status(run, eff, files, outputs, same=same_here(d))
     except FileNotFoundError as e: return 'new', str(e)
 
-def set_aside(run:Path):
-    "Checkpoints made from other inputs are moved aside (never deleted): the new job starts fresh."
-    ck = Path(run)/'checkpoints'
-    if ck.exists():
-        dst = Path(run)/f'checkpoints.stale-{time.strftime("%Y%m%d-%H%M%S")}'
-        ck.rename(dst); print(f'   checkpoints from other inputs kept in {dst}')
+def set_aside(run:Path) -> Path|None:
+    "A new job starts in an empty folder: the earlier record (checkpoints, exported weights, results, metrics, figures, its executed notebook) is moved into `stale-<time>/` inside it, never deleted; `inputs.json` stays for the job to restamp."
+    run = Path(run); old = [p for p in run.iterdir() if p.name != 'inputs.json' and not p.name.startswith(('stale-', 'checkpoints.stale-'))] if run.is_dir() else []
+    if not old: return None
+    dst, k = run/f'stale-{time.strftime("%Y%m%d-%H%M%S")}', 1
+    while dst.exists(): dst, k = run/f'stale-{time.strftime("%Y%m%d-%H%M%S")}-{k}', k + 1
+    dst.mkdir()
+    for p in old: p.rename(dst/p.name)
+    print(f'   the record made from other inputs is kept in {dst}'); return dst
 
 # %% ../nbs/07_ablate.ipynb #c012
 def sh(*cmd, env=None, cwd=None):
@@ -98,7 +101,7 @@ def run_notebook(nb, run, params:dict, resume:bool=False, threads:int=1, cwd=Non
     sh(_papermill_exe(), *args[1:], env=job_env(args, threads), cwd=cwd)
 
 def run_job(nb, run, params:dict, eff:dict, files=(), fresh:bool=True, resume:bool=False, threads:int=1, cwd=None):
-    "One job: (fresh) set old checkpoints aside, stamp inputs.json 'running', execute the notebook, stamp it 'done'."
+    "One job: (fresh) set the earlier record aside, stamp inputs.json 'running', execute the notebook, stamp it 'done'."
     if fresh: set_aside(Path(run))
     stamp_run(run, eff, files, 'running')
     run_notebook(nb, run, params, resume, threads, cwd)

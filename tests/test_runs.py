@@ -151,6 +151,14 @@ def test_no_error_outputs(nb):
     assert not errs, f'{path.relative_to(ROOT)}: {errs}'
 
 
+# ---------------------------------------------------------------- (c') progress bars show where they ended
+def test_progress_bars_show_their_last_state(nb, tmp_path):
+    "A tqdm widget's stored text is its last saved state (ablate.freeze_progress), not the 0% of its first frame."
+    from turbotalk.ablate import freeze_progress
+    path, _ = nb; cp = tmp_path/path.name; cp.write_bytes(path.read_bytes())
+    assert freeze_progress(cp) == 0, f'{path.relative_to(ROOT)}: progress bars show their first frame: run ablate.freeze_progress on it'
+
+
 # ---------------------------------------------------------------- (d) the record names a commit of this repo
 def _git(*args, cwd=ROOT):
     return subprocess.run(['git', *args], cwd=cwd, capture_output=True, text=True)

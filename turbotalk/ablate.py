@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_ablate.ipynb #c002
 from __future__ import annotations
-import argparse, ast, csv, functools, json, math, os, re, statistics, subprocess, sys, time
+import argparse, ast, csv, functools, html, json, math, os, re, statistics, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
@@ -12,12 +12,12 @@ from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
 # %% auto #0
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
            'param_value', 'effective', 'same_here', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env',
-           'run_notebook', 'run_job', 'main_runs', 'main_params', 'Study', 'run_name', 'Point', 'grid', 'distinct',
-           'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'rates', 'estimate', 'plan', 'rates_text',
-           'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better', 'overall', 'interior_optimum',
-           'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md', 'study_md', 'others_md', 'runs_md',
-           'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect',
-           'results_md', 'main']
+           'run_notebook', 'run_job', 'freeze_progress', 'main_runs', 'main_params', 'Study', 'run_name', 'Point',
+           'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'rates', 'estimate', 'plan',
+           'rates_text', 'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better', 'overall',
+           'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md', 'study_md',
+           'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv',
+           'status_md', 'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -99,6 +99,7 @@ def run_notebook(nb, run, params:dict, resume:bool=False, threads:int=1, cwd=Non
     "Execute a stage notebook with papermill into its run folder (CalledProcessError when the notebook fails)."
     args = papermill_args(nb, run, params, resume)
     sh(_papermill_exe(), *args[1:], env=job_env(args, threads), cwd=cwd)
+    freeze_progress(Path(cwd or '.')/run/Path(nb).name)
 
 def run_job(nb, run, params:dict, eff:dict, files=(), fresh:bool=True, resume:bool=False, threads:int=1, cwd=None):
     "One job: (fresh) set the earlier record aside, stamp inputs.json 'running', execute the notebook, stamp it 'done'."
@@ -106,6 +107,29 @@ def run_job(nb, run, params:dict, eff:dict, files=(), fresh:bool=True, resume:bo
     stamp_run(run, eff, files, 'running')
     run_notebook(nb, run, params, resume, threads, cwd)
     stamp_run(run, eff, files, 'done')
+
+# %% ../nbs/07_ablate.ipynb #c015b
+def _bar_text(state:dict, model_id:str) -> str|None:
+    "The text of a tqdm notebook bar (HBox of HTML, FloatProgress, HTML) in its saved state; None for other widgets."
+    kids = [state.get(k.removeprefix('IPY_MODEL_'), {}) for k in state.get(model_id, {}).get('state', {}).get('children', [])]
+    if [k.get('model_name') for k in kids] != ['HTMLModel', 'FloatProgressModel', 'HTMLModel']: return None
+    (l, b, r), txt = (k.get('state', {}) for k in kids), lambda h: html.unescape(h or '').replace('\u2007', ' ')
+    frac = min(max((b.get('value') or 0) / b['max'], 0), 1) if b.get('max') else 0
+    return f"{txt(l.get('value'))}|{'█' * int(10 * frac):<10}|{txt(r.get('value'))}"
+
+def freeze_progress(path) -> int:
+    "Give each tqdm widget output of an executed notebook the text of its bar's last saved state; the number of outputs changed."
+    path = Path(path)
+    if not path.is_file(): return 0
+    nb = json.loads(path.read_text()); n = 0
+    state = nb.get('metadata', {}).get('widgets', {}).get('application/vnd.jupyter.widget-state+json', {}).get('state', {})
+    for cell in nb.get('cells', []):
+        for o in cell.get('outputs', []):
+            v, d = o.get('data', {}).get('application/vnd.jupyter.widget-view+json'), o.get('data', {})
+            t = _bar_text(state, v['model_id']) if v else None
+            if t is not None and d.get('text/plain') not in (t, [t]): d['text/plain'], n = t, n + 1
+    if n: path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    return n
 
 # %% ../nbs/07_ablate.ipynb #c018
 def main_runs(data:str='data/synthtalk', runs:str='papermill_runs') -> dict:

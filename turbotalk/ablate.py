@@ -257,7 +257,7 @@ CLAIMS = [
 OPTIMA = [Optimum('lambda_sc has an interior optimum', 'lambda_sc', 'lambda_sc')]
 
 # %% ../nbs/07_ablate.ipynb #c033
-FALLBACK_S_PER_ITER = {'04_adv_distill.ipynb': 4.4, '03_dmd.ipynb': 1.6}   # the shipped runs, 2-core CPU (see above)
+FALLBACK_S_PER_ITER = {'04_adv_distill.ipynb': 3.8, '03_dmd.ipynb': 2.3}   # the shipped runs, 2-core CPU (see above)
 
 def iterations(eff:dict) -> float|None:
     "Training iterations of a stage job: the sum of phase_iters, else max_steps (x the phases of a Stage-2 job); None if unknown."

@@ -214,7 +214,7 @@ M = main_runs(); _P = main_params(M)
 ADV_NB, DMD_NB = 'nbs/04_adv_distill.ipynb', 'nbs/03_dmd.ipynb'
 MAIN_JOB = (M['adv'], M['dmd1'], M['dmd4'])   # made by the main job (make demo): the grid never runs them
 _adv = dict(nb=ADV_NB, base=_P['adv'], row='TurboTalk 1 step', files=(M['meta'], M['tw'], M['sw']),
-            outputs=('04_adv_distill.ipynb', 'results.json', 'compare.md'))
+            outputs=('04_adv_distill.ipynb', 'results.json', 'compare.md', 'weights/1/student_ema.safetensors'))
 _dmd = dict(nb=DMD_NB, folder='dmd', files=(M['meta'], M['tw']))
 STUDIES = [
     Study('adv', vary=[{}], prefix='synth_adv', about="the main job's Stage 2, 4 -> 3 -> 2 -> 1 (seed 0: the main job's run)", **_adv),
@@ -471,7 +471,8 @@ def students(recs:list, studies:list, state:str='done') -> dict:
             d['runs'].add(r['run'])
             for k in METRICS:
                 if _num(row.get(k)) is not None: d[k].append(_num(row[k]))
-            if r['speed'].get('nfe_student') == row.get('nfe') and _num(r['speed'].get('speedup')): d['speed'].append(float(r['speed']['speedup']))
+            sp = (r['speed'].get('phases') or {}).get(str(int(_num(row.get('nfe')) or 0))) or (r['speed'] if r['speed'].get('nfe_student') == row.get('nfe') else {})
+            if _num(sp.get('speedup')): d['speed'].append(float(sp['speedup']))   # Stage 2 times every phase (results.json speed.phases)
     return out
 
 def baselines(recs:list) -> dict:

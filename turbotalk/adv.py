@@ -510,21 +510,34 @@ def adv_table(run_dir, log=print) -> dict:
 
 # %% ../nbs/04_adv_distill.ipynb #c046
 def speed_compare(run_dir, n:int|None=None, n_clips:int|None=None, repeats:int=3) -> dict:
-    "Wall time of the teacher (its steps x 3 CFG) and of phase n's student (default: the fewest steps) on the same test clips, in this process."
+    """Wall time of the teacher (its steps x 3 CFG) and of every finished phase's student on the same test clips, in this
+    process; results.json `speed` is phase n's record (default: the fewest steps) with every phase under `phases`, and
+    speed.md their table (NFE, latency per clip, measured speed-up)."""
     from turbotalk.teacher import load_teacher, teacher_features
     done = finished_phases(run_dir)
-    if not done and n is None: raise TurboTalkError(f'{run_dir} has no finished phase to time')
-    n = n or min(done); model, sig, cfg, tcfg = load_phase(run_dir, n); teacher, _ = load_teacher(cfg.teacher)
+    if not done: raise TurboTalkError(f'{run_dir} has no finished phase to time')
+    n = n or min(done)
+    if n not in done: raise TurboTalkError(f'phase {n} of {run_dir} has not finished (finished: {done})')
+    cfg = load_adv_config(run_dir); teacher, tcfg = load_teacher(cfg.teacher)
     clips = eval_clips(cfg.data, 'test', n_clips or cfg.speed_clips, tcfg.size, features=teacher_features(tcfg))
     def timed(f):
         ts = []
         for _ in range(repeats): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
     tt = timed(lambda: generate(teacher, clips['ref'], clips['a'], tcfg.n_frames, 0, tcfg.steps, tcfg.sample_shift, (tcfg.s_ref, tcfg.s_audio)))
-    ts = timed(lambda: generate(model, clips['ref'], clips['a'], tcfg.n_frames, cfg.eval_n_ctx, guidance=None, sigmas=sig, mode='x0'))
-    rec = dict(student=phase_name(n), clips=len(clips['ref']), frames=int(clips['a'].shape[1]), teacher_s=round(tt, 3),
-               student_s=round(ts, 3), speedup=round(tt / ts, 1), nfe_teacher=tcfg.steps * 3, nfe_student=n,
-               nfe_ratio=tcfg.steps * 3 / n, repeats=repeats, device=env_info()['device'], threads=torch.get_num_threads())
+    k, ph = len(clips['ref']), {}
+    for m in done:
+        model, sig, *_ = load_phase(run_dir, m)
+        ts = timed(lambda: generate(model, clips['ref'], clips['a'], tcfg.n_frames, cfg.eval_n_ctx, guidance=None, sigmas=sig, mode='x0'))
+        ph[str(m)] = dict(student=phase_name(m), nfe=m, student_s=round(ts, 3), latency_s=round(ts / k, 4), speedup=round(tt / ts, 1))
+    rec = dict(student=phase_name(n), clips=k, frames=int(clips['a'].shape[1]), teacher_s=round(tt, 3), student_s=ph[str(n)]['student_s'],
+               speedup=ph[str(n)]['speedup'], nfe_teacher=tcfg.steps * 3, nfe_student=n, nfe_ratio=tcfg.steps * 3 / n, repeats=repeats,
+               device=env_info()['device'], threads=torch.get_num_threads(), phases=ph)
+    md = ['| sampler | NFE | latency per clip (s) | speed-up, measured | speed-up, NFE ratio |', '|---|---|---|---|---|',
+          f"| teacher 40 x 3 CFG | {tcfg.steps * 3} | {tt / k:.3g} | 1x | 1x |"]
+    md += [f"| {r['student']} | {r['nfe']} | {r['latency_s']:.3g} | {r['speedup']:g}x | {tcfg.steps * 3 / r['nfe']:g}x |" for r in ph.values()]
+    md += ['', f"{k} test clips of {rec['frames']} frames, median of {repeats}, in one process on {rec['device']} ({rec['threads']} torch threads)."]
+    (Path(run_dir)/'speed.md').write_text('\n'.join(md) + '\n')
     RunDir(run_dir).update_results(speed=rec); return rec
 
 # %% ../nbs/04_adv_distill.ipynb #c049

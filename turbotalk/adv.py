@@ -423,17 +423,20 @@ def train_adv(cfg:AdvConfig, cmd:str|None=None) -> tuple:
     seed_everything(cfg.seed)
     ds, shift, start, m, hist = adv_dataset(cfg, tcfg), cfg.d_shift or tcfg.shift, prev.state_dict(), None, {}
     clips = eval_clips(cfg.data, 'val', cfg.n_show, tcfg.size, features=teacher_features(tcfg)) if cfg.n_show > 0 else None
+    last = None                                  # the phase whose student the next one starts from
     for n, iters in plan.items():
-        if not _finished(run, n):
-            t0, every = time.time(), cfg.sample_every or iters
-            carry = _carried(run, n + 1) if cfg.d_carry and not is_meta(prev) else None   # meta: D's weights come from process 0
-            with build_ctx(cfg): m = build_phase(cfg, n, sched, prev, start, shift, carry)
-            cbs = [ShowAdv(every)] + ([SampleEvery(phase_hook(cfg, tcfg, clips), every)] if clips is not None else [])
-            dl = DataLoader(ds, batch_size=cfg.bs, shuffle=True, drop_last=True, num_workers=cfg.workers)
-            hist[n] = fit(m, dl, replace(cfg, max_steps=iters), run, phase=str(n), callbacks=cbs)
-            if _is_main(): _record_phase(run, n, sched[n], iters, time.time() - t0)
-        f = run.path/'weights'/str(n)/('student_ema.safetensors' if cfg.phase_init == 'ema' else 'student.safetensors')
-        start = prev.state_dict() if is_meta(prev) else load_weights(f)   # meta: the next phase's weights come from process 0
+        if _finished(run, n) or any(_finished(run, k) for k in plan if k < n): last = n; continue   # done, or a later phase is (a clone keeps only the shipped phase's weights)
+        if last is not None:
+            f = run.path/'weights'/str(last)/('student_ema.safetensors' if cfg.phase_init == 'ema' else 'student.safetensors')
+            start = prev.state_dict() if is_meta(prev) else load_weights(f)   # meta: the next phase's weights come from process 0
+        t0, every = time.time(), cfg.sample_every or iters
+        carry = _carried(run, n + 1) if cfg.d_carry and not is_meta(prev) else None   # meta: D's weights come from process 0
+        with build_ctx(cfg): m = build_phase(cfg, n, sched, prev, start, shift, carry)
+        cbs = [ShowAdv(every)] + ([SampleEvery(phase_hook(cfg, tcfg, clips), every)] if clips is not None else [])
+        dl = DataLoader(ds, batch_size=cfg.bs, shuffle=True, drop_last=True, num_workers=cfg.workers)
+        hist[n] = fit(m, dl, replace(cfg, max_steps=iters), run, phase=str(n), callbacks=cbs)
+        if _is_main(): _record_phase(run, n, sched[n], iters, time.time() - t0)
+        last = n
     return m, hist
 
 # %% ../nbs/04_adv_distill.ipynb #c044

@@ -34,6 +34,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate.interior_optimum': ('ablate.html#interior_optimum', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.iterations': ('ablate.html#iterations', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.job_env': ('ablate.html#job_env', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate.job_seconds': ('ablate.html#job_seconds', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.job_status': ('ablate.html#job_status', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.judge': ('ablate.html#judge', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.main': ('ablate.html#main', 'turbotalk/ablate.py'),

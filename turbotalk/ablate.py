@@ -13,11 +13,11 @@ from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
            'param_value', 'effective', 'same_here', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env',
            'run_notebook', 'run_job', 'freeze_progress', 'main_runs', 'main_params', 'Study', 'run_name', 'Point',
-           'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'rates', 'estimate', 'plan',
-           'rates_text', 'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better', 'overall',
-           'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md', 'study_md',
-           'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv',
-           'status_md', 'collect', 'results_md', 'main']
+           'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'job_seconds', 'rates',
+           'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better',
+           'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md',
+           'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves',
+           'write_csv', 'status_md', 'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -272,12 +272,22 @@ def nb_duration(run, nb) -> float|None:
     except (OSError, ValueError, KeyError, TypeError): return None
     return md.get('duration') if not md.get('exception') else None
 
+def job_seconds(run, nb) -> float|None:
+    "A finished job's wall time: papermill's, or the training time its results.json records when that is longer (a resumed job's notebook covers only its last part)."
+    d = nb_duration(run, nb)
+    if d is None: return None
+    try: r = json.loads((Path(run)/'results.json').read_text())
+    except (OSError, ValueError): return d
+    num = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+    tr = sum(num(v.get('wall_s')) for v in (r.get('phases') or {}).values() if isinstance(v, dict)) or num((r.get('train') or {}).get('wall_s'))
+    return max(d, tr)
+
 # %% ../nbs/07_ablate.ipynb #c034
 def rates(points:list) -> dict:
     "{notebook name: dict(per_iter, per_run, n)} from the finished runs of the grid (papermill durations)."
     got = {}
     for run, ps in distinct(points).items():
-        if (d := nb_duration(run, ps[0].nb)): got.setdefault(Path(ps[0].nb).name, []).append((d, iterations(ps[0].eff)))
+        if (d := job_seconds(run, ps[0].nb)): got.setdefault(Path(ps[0].nb).name, []).append((d, iterations(ps[0].eff)))
     med = lambda xs: statistics.median(xs) if xs else None
     return {k: dict(per_iter=med([d / i for d, i in v if i]) if all(i for _, i in v) else None, per_run=med([d for d, _ in v]), n=len(v))
             for k, v in got.items()}
@@ -365,7 +375,7 @@ def read_run(run, nb:str='') -> dict:
     dev = (cfg.get('env') or {}).get('device') or ''
     cmd = (run/'cmd.txt').read_text().strip() if (run/'cmd.txt').is_file() else ''
     return dict(own=own, other=other, speed=res.get('speed') or {}, device=dev + (f', {th} thread{"s" * (th > 1)}' if dev and th else ''),
-                wall_s=nb_duration(run, nb) if nb else None, cmd=cmd)
+                wall_s=job_seconds(run, nb) if nb else None, cmd=cmd)
 
 def records(points:list) -> list:
     "One record per grid point: its study, variant and seed, its run's state (done / stale / unfinished / not run) and read_run."

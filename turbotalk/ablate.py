@@ -381,7 +381,8 @@ def records(points:list) -> list:
     "One record per grid point: its study, variant and seed, its run's state (done / stale / unfinished / not run) and read_run."
     out = []
     for run, ps in distinct(points).items():
-        st, why = job_status(run, ps[0].eff, ps[0].files, ps[0].outputs, ps[0].nb); r = read_run(run, ps[0].nb)
+        kept = tuple(o for o in ps[0].outputs if not o.endswith('.safetensors'))   # weights are git-ignored: a clone has only the shipped ones
+        st, why = job_status(run, ps[0].eff, ps[0].files, kept, ps[0].nb); r = read_run(run, ps[0].nb)
         state = 'not run' if not r['own'] else dict(done='done', resume='unfinished').get(st, 'stale')
         out += [dict(study=q.study, label=q.label, knobs=q.knobs, seed=q.seed, run=run, row=q.row, state=state, why=why, **r) for q in ps]
     return out

@@ -48,10 +48,10 @@ STEPS = [
      'Stage 1: DMD of the teacher into the 4-step student (about 20 min)'),
     ('adv', 'nbs/04_adv_distill.ipynb', ADV, dict(out=ADV, **P['adv']),
      [META, TW, SW], ['04_adv_distill.ipynb', 'results.json', 'compare.md', ONE], 2,
-     'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 70 min)'),
+     'Stage 2: 4 -> 3 -> 2 -> 1 steps, adversarial with self-compare (about 32 min)'),
     ('pipeline', 'nbs/06_pipeline.ipynb', PIPE, dict(model=SHIP, steps=1, teacher=TEACHER, data=DATA, out=PIPE, threads=2),
      [META, TW, f'{SHIP}/{ONE}', PROBES], ['06_pipeline.ipynb', 'results.json'], 2,
-     'the one-step pipeline: 10 s of speech to an mp4 with sound, its seams, real voices, the teacher timed (about 8 min)'),
+     'the one-step pipeline: 10 s of speech to an mp4 with sound, its seams, real voices, the teacher timed (about 2 min)'),
 ]
 RESUMABLE = {'teacher', 'dmd1', 'dmd4', 'adv'}   # notebooks with a `resume` parameter (training jobs)
 # the job machinery (parameters in effect, inputs.json, set-aside checkpoints, the papermill call) is turbotalk.ablate's (chapter 07)

@@ -257,6 +257,16 @@ CLAIMS = [
 OPTIMA = [Optimum('lambda_sc has an interior optimum', 'lambda_sc', 'lambda_sc')]
 
 # %% ../nbs/07_ablate.ipynb #c033
+def _num(v) -> float|None:
+    try: x = float(v)
+    except (TypeError, ValueError): return None
+    return x if math.isfinite(x) else None
+
+def _json(p) -> dict:
+    try: d = json.loads(Path(p).read_text())
+    except (OSError, ValueError): return {}
+    return d if isinstance(d, dict) else {}
+
 FALLBACK_S_PER_ITER = {'04_adv_distill.ipynb': 3.8, '03_dmd.ipynb': 2.3}   # the shipped runs, 2-core CPU (see above)
 
 def iterations(eff:dict) -> float|None:
@@ -276,10 +286,8 @@ def job_seconds(run, nb) -> float|None:
     "A finished job's wall time: papermill's, or the training time its results.json records when that is longer (a resumed job's notebook covers only its last part)."
     d = nb_duration(run, nb)
     if d is None: return None
-    try: r = json.loads((Path(run)/'results.json').read_text())
-    except (OSError, ValueError): return d
-    num = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
-    tr = sum(num(v.get('wall_s')) for v in (r.get('phases') or {}).values() if isinstance(v, dict)) or num((r.get('train') or {}).get('wall_s'))
+    r = _json(Path(run)/'results.json')
+    tr = sum(_num(v.get('wall_s')) or 0 for v in (r.get('phases') or {}).values() if isinstance(v, dict)) or _num((r.get('train') or {}).get('wall_s')) or 0
     return max(d, tr)
 
 # %% ../nbs/07_ablate.ipynb #c034
@@ -352,16 +360,6 @@ def run_grid(points:list, skip=(), threads:int=0, log=print) -> dict:
 
 # %% ../nbs/07_ablate.ipynb #c041
 METRICS = {'fid_st': ('FID-ST', -1), 'fvd_st': ('FVD-ST', -1), 'sync_corr': ('Sync-corr', 1)}   # sign +1: higher is better
-
-def _num(v) -> float|None:
-    try: x = float(v)
-    except (TypeError, ValueError): return None
-    return x if math.isfinite(x) else None
-
-def _json(p) -> dict:
-    try: d = json.loads(Path(p).read_text())
-    except (OSError, ValueError): return {}
-    return d if isinstance(d, dict) else {}
 
 # %% ../nbs/07_ablate.ipynb #c042
 def read_run(run, nb:str='') -> dict:

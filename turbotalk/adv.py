@@ -517,6 +517,7 @@ def speed_compare(run_dir, n:int|None=None, n_clips:int|None=None, repeats:int=3
     process; results.json `speed` is phase n's record (default: the fewest steps) with every phase under `phases`, and
     speed.md their table (NFE, latency per clip, measured speed-up)."""
     from turbotalk.teacher import load_teacher, teacher_features
+    from turbotalk.ablate import _table   # the markdown tables of the reports (07)
     done = finished_phases(run_dir)
     if not done: raise TurboTalkError(f'{run_dir} has no finished phase to time')
     n = n or min(done)
@@ -536,11 +537,11 @@ def speed_compare(run_dir, n:int|None=None, n_clips:int|None=None, repeats:int=3
     rec = dict(student=phase_name(n), clips=k, frames=int(clips['a'].shape[1]), teacher_s=round(tt, 3), student_s=ph[str(n)]['student_s'],
                speedup=ph[str(n)]['speedup'], nfe_teacher=tcfg.steps * 3, nfe_student=n, nfe_ratio=tcfg.steps * 3 / n, repeats=repeats,
                device=env_info()['device'], threads=torch.get_num_threads(), phases=ph)
-    md = ['| sampler | NFE | latency per clip (s) | speed-up, measured | speed-up, NFE ratio |', '|---|---|---|---|---|',
-          f"| teacher 40 x 3 CFG | {tcfg.steps * 3} | {tt / k:.3g} | 1x | 1x |"]
-    md += [f"| {r['student']} | {r['nfe']} | {r['latency_s']:.3g} | {r['speedup']:g}x | {tcfg.steps * 3 / r['nfe']:g}x |" for r in ph.values()]
-    md += ['', f"{k} test clips of {rec['frames']} frames, median of {repeats}, in one process on {rec['device']} ({rec['threads']} torch threads)."]
-    (Path(run_dir)/'speed.md').write_text('\n'.join(md) + '\n')
+    rows = [['teacher 40 x 3 CFG', tcfg.steps * 3, f'{tt / k:.3g}', '1x', '1x']]
+    rows += [[r['student'], r['nfe'], f"{r['latency_s']:.3g}", f"{r['speedup']:g}x", f"{tcfg.steps * 3 / r['nfe']:g}x"] for r in ph.values()]
+    note = f"{k} test clips of {rec['frames']} frames, median of {repeats}, in one process on {rec['device']} ({rec['threads']} torch threads)."
+    table = _table(['sampler', 'NFE', 'latency per clip (s)', 'speed-up, measured', 'speed-up, NFE ratio'], rows)
+    (Path(run_dir)/'speed.md').write_text(f'{table}\n\n{note}\n')
     RunDir(run_dir).update_results(speed=rec); return rec
 
 # %% ../nbs/04_adv_distill.ipynb #c049

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, sample, per_sample
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, load_role_state, read_config
+from .stage import StageConfig, Method, Callback, SampleEvery, ShowTraining, fit, step_rng, plot_metrics, plot_panels, load_role_state, read_config
 from .stage import complete_ckpts, ckpt_root, last_ckpt, build_ctx, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
@@ -27,9 +27,9 @@ from .dmd import sample_rngs, LoRA, add_lora
 __all__ = ['TIMESTEPS', 'GAN_LOSSES', 'SHIPPED_STUDENT', 'PHASE_LOSSES', 'PHASE_GAPS', 'phase_rngs', 'shared_rng', 'phase_sigmas',
            'schedules', 'iteration_sigmas', 'DiscHead', 'head_blocks', 'disc_logits', 'r3gan_d', 'r3gan_g', 'hinge_d',
            'hinge_g', 'ns_d', 'ns_g', 'self_compare', 'fd_penalty', 'AdvConfig', 'AdvMethod', 'need_student',
-           'load_upstream', 'adv_dataset', 'build_phase', 'plot_phase', 'ShowAdv', 'phase_hook', 'phase_plan',
-           'train_adv', 'load_adv_config', 'finished_phases', 'load_phase', 'phase_name', 'evaluate_phase',
-           'adv_checks', 'adv_table', 'speed_compare', 'main', 'papermill_cmd']
+           'load_upstream', 'adv_dataset', 'build_phase', 'phase_panels', 'phase_rows', 'adv_frames', 'adv_curves',
+           'ShowAdv', 'phase_hook', 'phase_plan', 'train_adv', 'load_adv_config', 'finished_phases', 'load_phase',
+           'phase_name', 'evaluate_phase', 'adv_checks', 'adv_table', 'speed_compare', 'main', 'papermill_cmd']
 
 # %% ../nbs/04_adv_distill.ipynb #c005
 def phase_rngs(batch:dict, seed:int, n:int, step:int, tag:str) -> list:
@@ -347,29 +347,31 @@ def build_phase(cfg:AdvConfig, n:int, sched:dict, prev, start:dict, shift:float,
 PHASE_LOSSES = ('g_loss', 'd_loss', 'adv_g', 'sc', 'r1', 'r2', 'r2_ref', 'g_gnorm', 'd_gnorm')
 PHASE_GAPS = ('gap_real_fake', 'gap_real_ref', 'gap_ref_fake', 'd_gap', 's_last')
 
-def plot_phase(rows:list, n:int, path=None, axs=None):
-    "Phase n's losses and grad norms (log) and logit gaps and last level (linear), from metrics rows; saved to `path` if given."
-    rows = [r for r in rows if r.get('phase') == str(n)]
-    if axs is None:
-        from matplotlib.figure import Figure   # headless, as stage.plot_metrics
-        axs = Figure(figsize=(12, 3)).subplots(1, 2)
-    plot_metrics(rows, PHASE_LOSSES, title=f'phase {n}: losses, R1/R2, grad norms', ax=axs[0])
-    return plot_metrics(rows, PHASE_GAPS, path, title=f'phase {n}: logit gaps D(a) - D(b), last level', log=False, ax=axs[1])
+def phase_panels(n:int) -> list:
+    "plot_panels' panels of phase n: losses and grad norms (log), logit gaps and the last level (linear)."
+    return [(PHASE_LOSSES, f'phase {n}: losses, R1/R2, grad norms', True),
+            (PHASE_GAPS, f'phase {n}: logit gaps D(a) - D(b), last level', False)]
+
+def phase_rows(rows:list, n:int) -> list: return [r for r in rows if r.get('phase') == str(n)]
 
 def _frames(codec, z:torch.Tensor) -> np.ndarray:
     "Middle frame (H, W, 3) uint8 of each latent clip (B, C, T, h, w)."
     v = codec.decode(z.float()).clamp(-1, 1); return _u8(v[:, v.shape[1] // 2])
 
-class ShowAdv(Callback):
+def adv_frames(st):
+    "For ShowTraining: middle frames of what the last student update saw (real | student | 4-step reference), or None."
+    m, s = st.method, st.method.show
+    if not s: return None
+    keys = [k for k in ('x', 'xn', 'x4') if k in s]
+    names = dict(x='real', xn=f"student: {len(s['sig'])} levels, last {s['sig'][-1]:.3f}", x4='4-step reference')
+    return f'phase{m.n}_batch', [_frames(m.codec, s[k]) for k in keys], [names[k] for k in keys]
+
+def adv_curves(st):
+    n = st.method.n; return f'phase{n}_losses.png', phase_rows(st.run.metrics(), n), phase_panels(n)
+
+def ShowAdv(every:int) -> ShowTraining:
     "Every `every` iterations and at the phase end: figs/phase<n>_losses.png and figs/phase<n>_batch_stepS.png."
-    def __init__(self, every:int): self.every = every
-    def on_step_end(self, st):
-        m, s = st.method, st.method.show
-        if not st.acc.is_main_process or not s or (st.step % self.every and st.step != st.cfg.max_steps): return
-        keys = [k for k in ('x', 'xn', 'x4') if k in s]
-        names = dict(x='real', xn=f"student: {len(s['sig'])} levels, last {s['sig'][-1]:.3f}", x4='4-step reference')
-        save_grid(st.run.sub('figs')/f'phase{m.n}_batch_step{st.step:06d}.png', [_frames(m.codec, s[k]) for k in keys], labels=[names[k] for k in keys])
-        plot_phase(st.run.metrics(), m.n, st.run.path/'figs'/f'phase{m.n}_losses.png')
+    return ShowTraining(every, adv_frames, adv_curves)
 
 # %% ../nbs/04_adv_distill.ipynb #c039b
 def phase_hook(cfg:AdvConfig, tcfg, clips:dict):

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas, per_sample
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, plot_metrics, read_config
+from .stage import StageConfig, Method, Callback, SampleEvery, ShowTraining, fit, step_rng, plot_metrics, read_config
 from .stage import build_ctx, main_first, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
@@ -27,9 +27,9 @@ from .teacher import SHIPPED_TEACHER, sample_keys
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'LOSS_KEYS', 'sample_rngs', 'pick_step', 'lora_targets', 'lora_layers', 'lora_on', 'LoRA', 'add_lora',
            'DMDMethod', 'DMDConfig', 'need_teacher', 'build_dmd', 'dmd_data', 'Pairs', 'ode_pairs', 'RegressMethod',
-           'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config', 'load_student',
-           'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table', 'main',
-           'papermill_cmd']
+           'dmd_frames', 'dmd_curves', 'ShowDMD', 'student_generator', 'student_hook', 'train_dmd', 'load_dmd_config',
+           'load_student', 'student_name', 'evaluate_student', 'speed_compare', 'dmd_checks', 'table_rows', 'dmd_table',
+           'main', 'papermill_cmd']
 
 # %% ../nbs/03_dmd.ipynb #c005
 def sample_rngs(batch:dict, step:int, tag:str, seed:int=0) -> list:
@@ -307,16 +307,18 @@ def _frames(codec, z:torch.Tensor) -> np.ndarray:
     v = codec.decode(z.float()).clamp(-1, 1)
     return _u8(v[:, v.shape[1] // 2])
 
-class ShowDMD(Callback):
+def dmd_frames(st):
+    "For ShowTraining: what the last generator update saw, four val samples (x-hat / x0_real / x0_fake), or None."
+    m = st.method; s = m.show
+    if not s: return None
+    rows = [[*_frames(m.codec, s[k])] for k in ('xhat', 'x0_real', 'x0_fake')]
+    return 'dmd', rows, [f"x-hat (step k={s['k']})", 'x0 real (teacher, CFG)', 'x0 fake']
+
+def dmd_curves(st): return 'loss.png', st.run.metrics(), [(LOSS_KEYS, f'{st.run.path.name}: DMD', True)]
+
+def ShowDMD(every:int) -> ShowTraining:
     "Every `every` iterations: figs/dmd_stepXXXXXX.png (x-hat / x0_real / x0_fake) and figs/loss.png."
-    def __init__(self, every:int): self.every = every
-    def on_step_end(self, st):
-        m = st.method
-        if not st.acc.is_main_process or not m.show or (st.step % self.every and st.step != st.cfg.max_steps): return
-        s = m.show; rows = [_frames(m.codec, s[k]) for k in ('xhat', 'x0_real', 'x0_fake')]
-        save_grid(st.run.sub('figs')/f'dmd_step{st.step:06d}.png', [[*r] for r in rows],
-                  labels=[f"x-hat (step k={s['k']})", 'x0 real (teacher, CFG)', 'x0 fake'])
-        plot_metrics(st.run.metrics(), LOSS_KEYS, st.run.path/'figs'/'loss.png', title=f'{st.run.path.name}: DMD')
+    return ShowTraining(every, dmd_frames, dmd_curves)
 
 def student_generator(model, sigmas, tcfg, seed:int=0, info:list|None=None):
     "gen(batch) -> (B, T, 3, H, W): the student's samples along its step list, no guidance, chunked as the teacher."

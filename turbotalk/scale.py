@@ -359,6 +359,7 @@ def plot_plan(rows:list, n_gpu:int=8, sizes=('wan-1.3b', 'wan-14b'), path=None):
         for (g, cap), ls in zip(GPUS.items(), ('--', ':')): ax.axvline((1 - MARGIN) * cap / 1e9, ls=ls, c='k', lw=1, label=f'90 % of {g}')
         ax.set_yticks(range(len(rs)), [f"{r['stage']} / {r['config']}" for r in rs], fontsize=8); ax.invert_yaxis()
         ax.set_xscale('symlog', linthresh=10); ax.set_xlabel(f'GB per GPU on {n_gpu} GPUs'); ax.set_title(size)
-    axs[0][0].legend(fontsize=8, loc='lower right'); fig.tight_layout()
+    h, l = axs[0][0].get_legend_handles_labels()   # one legend for all panels, below them: never over a bar
+    fig.legend(h, l, loc='lower center', ncol=len(l), fontsize=8, frameon=False); fig.tight_layout(rect=(0, 0.05, 1, 1))
     if path: fig.savefig(path, dpi=110)
     return fig

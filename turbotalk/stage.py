@@ -34,12 +34,12 @@ __all__ = ['FULL', 'StageConfig', 'Method', 'is_sharded', 'net_state', 'load_net
            'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet', 'ToyFlow', 'ToyGAN', 'EMA', 'check_world', 'resolve',
            'resolve_device', 'make_accelerator', 'teardown_at_exit', 'prepare_data', 'batches', 'sync_grads',
            'all_finite', 'clip_grads', 'update', 'train_step', 'reduce_logs', 'FitState', 'rng_state', 'set_rng_state',
-           'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'NonFiniteError', 'ckpt_root', 'complete_ckpts',
-           'last_ckpt', 'check_finite', 'file_sums', 'save_ckpt', 'load_optims', 'load_ckpt', 'ckpt_problem',
-           'pick_ckpt', 'resume_ckpt', 'export_weights', 'grad_ckpt', 'shard_on', 'shard_net', 'shard_roles',
-           'shard_method', 'held_share', 'rank0_init', 'on_meta', 'build_ctx', 'main_first', 'is_meta', 'meta_copy',
-           'built_share', 'broadcast_plain', 'from_main', 'setup', 'one_step', 'emergency_save', 'fit', 'read_config',
-           'config_parser']
+           'step_rng', 'Callback', 'SampleEvery', 'plot_metrics', 'plot_panels', 'ShowTraining', 'NonFiniteError',
+           'ckpt_root', 'complete_ckpts', 'last_ckpt', 'check_finite', 'file_sums', 'save_ckpt', 'load_optims',
+           'load_ckpt', 'ckpt_problem', 'pick_ckpt', 'resume_ckpt', 'export_weights', 'grad_ckpt', 'shard_on',
+           'shard_net', 'shard_roles', 'shard_method', 'held_share', 'rank0_init', 'on_meta', 'build_ctx', 'main_first',
+           'is_meta', 'meta_copy', 'built_share', 'broadcast_plain', 'from_main', 'setup', 'one_step', 'emergency_save',
+           'fit', 'read_config', 'config_parser']
 
 # %% ../nbs/02a_stage.ipynb #c006
 @dataclass
@@ -409,9 +409,40 @@ def plot_metrics(rows:list,           # metrics.jsonl rows (RunDir.metrics())
         pts = [(r['step'], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and (r[k] > 0 or not log)]
         if pts: ax.plot(*zip(*pts), label=k)
     ax.set(xlabel='step', yscale='log' if log else 'linear'); ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7); fig.tight_layout()
+    if ax.lines:   # many curves: the legend goes right of the axes, never over them
+        ax.legend(fontsize=7, **(dict(loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0) if len(ax.lines) > 3 else {}))
+    fig.tight_layout()
     if path is not None: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=100)
     return fig
+
+# %% ../nbs/02a_stage.ipynb #c035b
+def plot_panels(rows:list,    # metrics.jsonl rows
+                panels:list,  # [(keys, title, log), ...]: one plot_metrics axis each, side by side
+                path=None,    # save the figure here (PNG) when given
+                axs=None):    # draw on these axes (one per panel); None: a new headless figure
+    "plot_metrics panels side by side in one figure; saved to `path` if given; the figure."
+    if axs is None:
+        from matplotlib.figure import Figure
+        axs = Figure(figsize=(6 * len(panels), 3)).subplots(1, len(panels), squeeze=False)[0]
+    for j, (ax, (keys, title, log)) in enumerate(zip(axs, panels)):
+        fig = plot_metrics(rows, keys, path if j == len(panels) - 1 else None, title=title, log=log, ax=ax)
+    return fig
+
+class ShowTraining(Callback):
+    "Every `every` steps and at the last, on the main process: a grid of frames and the training curves, under figs/."
+    def __init__(self, every:int,
+                 frames,   # frames(st) -> (file stem, rows of frames, row labels) or None (nothing to show yet)
+                 curves):  # curves(st) -> (file name, metrics rows, panels as plot_panels takes them)
+        self.every, self.frames, self.curves = every, frames, curves
+    def on_step_end(self, st):
+        if not st.acc.is_main_process or (st.step % self.every and st.step != st.cfg.max_steps): return
+        shown = self.frames(st)
+        if shown is None: return
+        from turbotalk.media import save_grid
+        stem, rows, labels = shown
+        save_grid(st.run.sub('figs')/f'{stem}_step{st.step:06d}.png', rows, labels=labels)
+        name, metrics, panels = self.curves(st)
+        plot_panels(metrics, panels, st.run.path/'figs'/name)
 
 # %% ../nbs/02a_stage.ipynb #c038
 class NonFiniteError(TurboTalkError):

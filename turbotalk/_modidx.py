@@ -597,6 +597,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                  'turbotalk.scale.wan_reference': ('scale.html#wan_reference', 'turbotalk/scale.py'),
                                  'turbotalk.scale.write_plan': ('scale.html#write_plan', 'turbotalk/scale.py')},
             'turbotalk.stage': { 'turbotalk.stage.Callback': ('stage.html#callback', 'turbotalk/stage.py'),
+                                 'turbotalk.stage.Callback.due': ('stage.html#callback.due', 'turbotalk/stage.py'),
                                  'turbotalk.stage.Callback.on_fit_end': ('stage.html#callback.on_fit_end', 'turbotalk/stage.py'),
                                  'turbotalk.stage.Callback.on_fit_start': ('stage.html#callback.on_fit_start', 'turbotalk/stage.py'),
                                  'turbotalk.stage.Callback.on_step_end': ('stage.html#callback.on_step_end', 'turbotalk/stage.py'),

@@ -14,11 +14,10 @@ from torch.utils.data import DataLoader
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, env_info
 from .model import PixelCodec, add_noise, shift_sigma, sample, per_sample
-from .stage import StageConfig, Method, Callback, SampleEvery, ShowTraining, fit, step_rng, plot_metrics, plot_panels, load_role_state, read_config
+from .stage import StageConfig, Method, SampleEvery, ShowTraining, fit, step_rng, plot_panels, load_role_state, read_config
 from .stage import complete_ckpts, ckpt_root, last_ckpt, build_ctx, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
-from .media import save_grid
 from .synthtalk import check_synthtalk
 from .teacher import SHIPPED_TEACHER
 from .dmd import sample_rngs, LoRA, add_lora

@@ -16,11 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info
 from .model import GUIDANCE, PixelCodec, add_noise, shift_sigma, v_target, x0_from_v, cfg_velocity, sample, teacher_sigmas, per_sample
-from .stage import StageConfig, Method, Callback, SampleEvery, ShowTraining, fit, step_rng, plot_metrics, read_config
+from .stage import StageConfig, Method, SampleEvery, ShowTraining, fit, step_rng, plot_metrics, read_config
 from .stage import build_ctx, main_first, is_meta
 from .data import TalkingHeadDataset
 from .sampling import step_list, generate, few_step_generator, eval_clips, write_samples, _u8
-from .media import save_grid
 from .synthtalk import check_synthtalk
 from .teacher import SHIPPED_TEACHER, sample_keys
 

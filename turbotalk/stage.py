@@ -379,12 +379,14 @@ class Callback:
     def on_fit_start(self, st): pass
     def on_step_end(self, st): pass
     def on_fit_end(self, st): pass
+    @staticmethod
+    def due(st, every:int) -> bool: return st.step % every == 0 or st.step == st.cfg.max_steps   # every n steps and at the last
 
 class SampleEvery(Callback):
     "Call fn(st) every `every` steps and at the last step, on the main process, EMA weights in, RNG untouched."
     def __init__(self, fn, every:int, use_ema:bool=True): self.fn, self.every, self.use_ema = fn, every, use_ema
     def on_step_end(self, st):
-        if (st.acc.is_main_process or st.sharded) and (st.step % self.every == 0 or st.step == st.cfg.max_steps): self(st)
+        if (st.acc.is_main_process or st.sharded) and self.due(st, self.every): self(st)
     def __call__(self, st):
         s = rng_state()
         ctx = st.ema.swapped(st.method) if self.use_ema and st.ema is not None else nullcontext()
@@ -435,7 +437,7 @@ class ShowTraining(Callback):
                  curves):  # curves(st) -> (file name, metrics rows, panels as plot_panels takes them)
         self.every, self.frames, self.curves = every, frames, curves
     def on_step_end(self, st):
-        if not st.acc.is_main_process or (st.step % self.every and st.step != st.cfg.max_steps): return
+        if not st.acc.is_main_process or not self.due(st, self.every): return
         shown = self.frames(st)
         if shown is None: return
         from turbotalk.media import save_grid

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Which committed runs are stale: a run (a folder of papermill_runs/ with a cmd.txt) is stale when the chapter its cmd.txt
-names (nbs/<chapter>.ipynb) changed in git between the commit its record names (results.json or config.json: env.git,
-without '-dirty') and HEAD.  `python scripts/stale_runs.py [REPO]` prints a table of every run; it never fails on stale runs."""
+"""Which committed runs are stale: a run (a folder of papermill_runs/ with a cmd.txt) is stale when the code cells of the
+chapter its cmd.txt names (nbs/<chapter>.ipynb) changed in git between the commit its record names (results.json or
+config.json: env.git, without '-dirty') and HEAD.  A chapter whose prose (markdown) alone changed leaves its runs current:
+prose does not run.  `python scripts/stale_runs.py [REPO]` prints a table of every run; it never fails on stale runs."""
 import json, re, subprocess, sys
 from pathlib import Path
 
@@ -23,10 +24,20 @@ def _chapter(run:Path) -> str|None:
     m = re.search(r'\bnbs/[\w.-]+\.ipynb', (run/'cmd.txt').read_text()) if (run/'cmd.txt').is_file() else None
     return m.group(0) if m else None
 
+def code_cells(text:str) -> list[str]:
+    "The sources of a notebook's code cells (trailing whitespace dropped): what a papermill run of it executes."
+    return [''.join(c.get('source', '')).rstrip() for c in json.loads(text).get('cells', []) if c.get('cell_type') == 'code']
+
+def _code_at(root, rev:str, nb:str) -> list[str]|None:
+    r = _git(root, 'show', f'{rev}:{nb}')
+    try: return code_cells(r.stdout) if r.returncode == 0 else None
+    except ValueError: return None
+
 def run_status(root=REPO) -> list[dict]:
     "One row per run: run, notebook, commit (as recorded), status (current / stale / no record / unknown commit / no chapter), commits."
     root = Path(root); rows = []
     for cmd in sorted((root/'papermill_runs').glob('**/cmd.txt')):
+        if any(p.startswith('stale-') for p in cmd.relative_to(root).parts): continue   # a set-aside record (git-ignored)
         run, nb, rec = cmd.parent, _chapter(cmd.parent), _record(cmd.parent)
         row = dict(run=str(run.relative_to(root)), notebook=nb or '', commit=rec or '', status='', commits=0)
         sha = rec.removesuffix('-dirty') if rec else None
@@ -36,7 +47,8 @@ def run_status(root=REPO) -> list[dict]:
         else:
             changed = _git(root, 'diff', '--quiet', sha, 'HEAD', '--', nb).returncode == 1
             row['commits'] = int(_git(root, 'rev-list', '--count', f'{sha}..HEAD', '--', nb).stdout.strip() or 0)
-            row['status'] = 'stale' if changed else 'current'
+            row['status'] = ('current' if not changed else
+                             'current (prose changed)' if _code_at(root, sha, nb) == _code_at(root, 'HEAD', nb) else 'stale')
         rows.append(row)
     return rows
 

@@ -193,6 +193,15 @@ def test_stale_runs_helper_runs():
     r = subprocess.run([sys.executable, str(ROOT/'scripts'/'stale_runs.py')], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and 'status' in r.stdout, r.stderr
 
+def test_stale_rule_is_the_code_not_the_prose():
+    m = _stale_module()
+    def book(md, code):
+        return json.dumps(dict(cells=[dict(cell_type='markdown', source=md), dict(cell_type='code', source=code, outputs=[])]))
+    a = m.code_cells(book('# A chapter', ['x = 1\n', 'y = x']))
+    assert a == ['x = 1\ny = x']
+    assert m.code_cells(book('# The chapter, reworded', 'x = 1\ny = x\n')) == a    # prose and trailing blanks: current
+    assert m.code_cells(book('# A chapter', 'x = 2\ny = x')) != a                    # code: stale
+
 
 # ---------------------------------------------------------------- the rules themselves, on made-up cells
 def _cell(src, outputs=(), **md):

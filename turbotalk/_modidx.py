@@ -41,6 +41,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate.main_params': ('ablate.html#main_params', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.main_runs': ('ablate.html#main_runs', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.mean_std': ('ablate.html#mean_std', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate.metrics_seconds': ('ablate.html#metrics_seconds', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.nb_duration': ('ablate.html#nb_duration', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.nfe_md': ('ablate.html#nfe_md', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.others_md': ('ablate.html#others_md', 'turbotalk/ablate.py'),

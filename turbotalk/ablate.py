@@ -13,11 +13,11 @@ from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
            'param_value', 'effective', 'same_here', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env',
            'run_notebook', 'run_job', 'freeze_progress', 'main_runs', 'main_params', 'Study', 'run_name', 'Point',
-           'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'job_seconds', 'rates',
-           'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records', 'mean_std', 'better',
-           'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students', 'baselines', 'nfe_md',
-           'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves',
-           'write_csv', 'status_md', 'collect', 'results_md', 'main']
+           'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'metrics_seconds',
+           'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records',
+           'mean_std', 'better', 'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students',
+           'baselines', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep',
+           'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -282,13 +282,33 @@ def nb_duration(run, nb) -> float|None:
     except (OSError, ValueError, KeyError, TypeError): return None
     return md.get('duration') if not md.get('exception') else None
 
+def metrics_seconds(run) -> float:
+    """Training seconds from a run's metrics.jsonl: each row's sec_per_step times the steps since the row before it (per phase).
+    A step logged twice (a killed job resumed from an earlier checkpoint) counts once, its last time."""
+    last = {}
+    try: lines = (Path(run)/'metrics.jsonl').read_text().splitlines()
+    except OSError: return 0.0
+    for ln in lines:
+        try: r = json.loads(ln)
+        except ValueError: continue
+        if isinstance(r, dict) and _num(r.get('sec_per_step')) is not None and isinstance(r.get('step'), int):
+            last[(str(r.get('phase', '')), r['step'])] = r['sec_per_step']
+    t, prev = 0.0, {}
+    for (ph, step), sps in sorted(last.items()):
+        t += sps * (step - prev.get(ph, 0)); prev[ph] = step
+    return t
+
 def job_seconds(run, nb) -> float|None:
-    "A finished job's wall time: papermill's, or the training time its results.json records when that is longer (a resumed job's notebook covers only its last part)."
+    """A finished job's wall time. Papermill's, when its notebook ran the training; when the executed notebook took less
+    than the training (a job resumed, or executed again after its training), the training's time (metrics.jsonl, or the
+    time results.json records when longer) plus the notebook's."""
     d = nb_duration(run, nb)
     if d is None: return None
     r = _json(Path(run)/'results.json')
     tr = sum(_num(v.get('wall_s')) or 0 for v in (r.get('phases') or {}).values() if isinstance(v, dict)) or _num((r.get('train') or {}).get('wall_s')) or 0
-    return max(d, tr)
+    tr = max(tr, metrics_seconds(run))
+    return d if d >= tr else tr + d
+
 
 # %% ../nbs/07_ablate.ipynb #c034
 def rates(points:list) -> dict:

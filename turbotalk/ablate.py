@@ -213,13 +213,15 @@ def select(points:list, studies:list, names:str='') -> list:
 M = main_runs(); _P = main_params(M)
 ADV_NB, DMD_NB = 'nbs/04_adv_distill.ipynb', 'nbs/03_dmd.ipynb'
 MAIN_JOB = (M['adv'], M['dmd1'], M['dmd4'])   # made by the main job (make demo): the grid never runs them
+# A grid job's outputs are its records, not its weights: weights are git-ignored (a clone has only the shipped ones) and
+# no grid job reads another's, so a finished run (inputs.json status done) stays done in a fresh clone.
 _adv = dict(nb=ADV_NB, base=_P['adv'], row='TurboTalk 1 step', files=(M['meta'], M['tw'], M['sw']),
-            outputs=('04_adv_distill.ipynb', 'results.json', 'compare.md', 'weights/1/student_ema.safetensors'))
+            outputs=('04_adv_distill.ipynb', 'results.json', 'compare.md'))
 _dmd = dict(nb=DMD_NB, folder='dmd', files=(M['meta'], M['tw']))
 STUDIES = [
     Study('adv', vary=[{}], prefix='synth_adv', about="the main job's Stage 2, 4 -> 3 -> 2 -> 1 (seed 0: the main job's run)", **_adv),
     Study('dmd4', base=_P['dmd4'], vary=[{}], row='DMD student 4 steps', prefix='synth_dmd4',
-          outputs=('03_dmd.ipynb', 'results.json', 'weights/student_ema.safetensors'), about='Stage 1: the 4-step DMD student', **_dmd),
+          outputs=('03_dmd.ipynb', 'results.json'), about='Stage 1: the 4-step DMD student', **_dmd),
     Study('dmd1', base=_P['dmd1'], vary=[{}], row='DMD student 1 step', prefix='synth_dmd1', outputs=('03_dmd.ipynb', 'results.json'),
           about='direct one-step DMD (-p sigmas 1)', **_dmd),
     Study('timesteps', vary=[dict(timesteps=t) for t in ('progressive', 'fixed', 'uniform')], about='timestep sampling in each phase', **_adv),
@@ -399,8 +401,7 @@ def records(points:list) -> list:
     "One record per grid point: its study, variant and seed, its run's state (done / stale / unfinished / not run) and read_run."
     out = []
     for run, ps in distinct(points).items():
-        kept = tuple(o for o in ps[0].outputs if not o.endswith('.safetensors'))   # weights are git-ignored: a clone has only the shipped ones
-        st, why = job_status(run, ps[0].eff, ps[0].files, kept, ps[0].nb); r = read_run(run, ps[0].nb)
+        st, why = job_status(run, ps[0].eff, ps[0].files, ps[0].outputs, ps[0].nb); r = read_run(run, ps[0].nb)
         state = 'not run' if not r['own'] else dict(done='done', resume='unfinished').get(st, 'stale')
         out += [dict(study=q.study, label=q.label, knobs=q.knobs, seed=q.seed, run=run, row=q.row, state=state, why=why, **r) for q in ps]
     return out

@@ -66,9 +66,10 @@ def test_cli_nfe_and_speedups_from_same_run(cli_run):
     one = rows['student 1-step']
     assert one['denoise_speedup'] > 10 and one['speedup'] > 5, (one['denoise_speedup'], one['speedup'])
     # the teacher rows were measured at 12/8/4 NFE and scaled to 120/80/40: 40x1 runs the same network at the same batch
-    # as the students, so its extrapolated cost per NFE is the students' measured one (unscaled it would be 10x smaller)
+    # as the students, so its extrapolated cost per NFE is the students' measured one (unscaled it would be 10x smaller);
+    # the bounds leave room for a loaded machine (0.30 was seen with four jobs on two cores) and still catch that 10x
     ratio = rows['teacher 40x1']['s_per_nfe'] / one['s_per_nfe']
-    assert 1 / 3 < ratio < 3, ratio
+    assert 1 / 5 < ratio < 5, ratio
 
 def test_nfe_counts_match_network_evaluations():
     "Every row feeds the network exactly `nfe` batch rows per clip: teacher 40x3 = 120, 40x2 = 80, 40x1 = 40, students n."

@@ -836,6 +836,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                    'turbotalk.teacher.swapped_audio_generator': ( 'teacher.html#swapped_audio_generator',
                                                                                   'turbotalk/teacher.py'),
                                    'turbotalk.teacher.teacher_aug': ('teacher.html#teacher_aug', 'turbotalk/teacher.py'),
+                                   'turbotalk.teacher.teacher_curves': ('teacher.html#teacher_curves', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.teacher_features': ('teacher.html#teacher_features', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.teacher_generator': ('teacher.html#teacher_generator', 'turbotalk/teacher.py'),
                                    'turbotalk.teacher.train_data': ('teacher.html#train_data', 'turbotalk/teacher.py'),

@@ -433,16 +433,17 @@ def plot_panels(rows:list,    # metrics.jsonl rows
 class ShowTraining(Callback):
     "Every `every` steps and at the last, on the main process: a grid of frames and the training curves, under figs/."
     def __init__(self, every:int,
-                 frames,   # frames(st) -> (file stem, rows of frames, row labels) or None (nothing to show yet)
+                 frames,   # frames(st) -> (file stem, rows of frames, row labels) or None (nothing to show yet); None: curves only
                  curves):  # curves(st) -> (file name, metrics rows, panels as plot_panels takes them)
         self.every, self.frames, self.curves = every, frames, curves
     def on_step_end(self, st):
         if not st.acc.is_main_process or not self.due(st, self.every): return
-        shown = self.frames(st)
-        if shown is None: return
-        from turbotalk.media import save_grid
-        stem, rows, labels = shown
-        save_grid(st.run.sub('figs')/f'{stem}_step{st.step:06d}.png', rows, labels=labels)
+        if self.frames is not None:
+            shown = self.frames(st)
+            if shown is None: return
+            from turbotalk.media import save_grid
+            stem, rows, labels = shown
+            save_grid(st.run.sub('figs')/f'{stem}_step{st.step:06d}.png', rows, labels=labels)
         name, metrics, panels = self.curves(st)
         plot_panels(metrics, panels, st.run.path/'figs'/name)
 

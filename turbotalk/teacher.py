@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastcore.basics import patch
 from .core import RunDir, TurboTalkError, WeightsError, seed_everything, load_weights, save_weights, env_info, SHIPPED_TEACHER
 from .model import (GUIDANCE, PRESETS, PixelCodec, TalkingDiT, add_noise, shift_sigma, v_target, x0_from_v, teacher_sigmas, sample, per_sample)
-from .stage import StageConfig, Method, Callback, SampleEvery, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
+from .stage import StageConfig, Method, Callback, SampleEvery, ShowTraining, fit, step_rng, last_ckpt, plot_metrics, config_parser, read_config
 from .stage import build_ctx, on_meta, is_meta
 from .sampling import chunk_plan, generate, eval_clips, write_samples, _u8
 from .data import TalkingHeadDataset, LogMelFeatures, AudioAug, load_clip, to_x, find_videos
@@ -23,10 +23,10 @@ from .synthtalk import check_synthtalk
 # %% auto #0
 __all__ = ['LOSS_KEYS', 'NOT_TRAINING', 'ROBUST_CONDITIONS', 'SEED_METRICS', 'NO_PARAM', 'Denoiser', 'audio_stats', 'sample_keys',
            'draw', 'drop_flags', 'TeacherMethod', 'box_mask', 'TeacherConfig', 'Warmup', 'Windows', 'train_data',
-           'teacher_features', 'teacher_aug', 'sample_hook', 'build_teacher', 'finished_run', 'train_teacher',
-           'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control', 'swapped_audio_generator',
-           'evaluate_teacher', 'voice_eval_loop', 'robustness_eval', 'recipe_of', 'seed_study', 'seed_table',
-           'cli_parser', 'main', 'papermill_cmd']
+           'teacher_features', 'teacher_aug', 'sample_hook', 'teacher_curves', 'build_teacher', 'finished_run',
+           'train_teacher', 'load_config', 'load_teacher', 'teacher_generator', 'shuffled_control',
+           'swapped_audio_generator', 'evaluate_teacher', 'voice_eval_loop', 'robustness_eval', 'recipe_of',
+           'seed_study', 'seed_table', 'cli_parser', 'main', 'papermill_cmd']
 
 # %% ../nbs/02b_teacher.ipynb #c005
 class Denoiser(nn.Module):
@@ -270,8 +270,11 @@ def sample_hook(cfg:TeacherConfig, clips:dict):
         vid, _ = generate(st.method.teacher, clips['ref'], clips['a'], cfg.n_frames, cfg.n_ctx if cfg.p_ctx > 0 else 0,
                           cfg.show_steps, cfg.sample_shift, (cfg.s_ref, cfg.s_audio), st.method.codec, cfg.seed)
         write_samples(st.run, f'train_step{st.step:06d}', clips, vid)
-        plot_metrics(st.run.metrics(), LOSS_KEYS, st.run.path/'figs'/'loss.png', title=f'{st.run.path.name}: flow-matching loss')
     return fn
+
+def teacher_curves(st):
+    "For ShowTraining: figs/loss.png, the flow-matching losses so far."
+    return 'loss.png', st.run.metrics(), [(LOSS_KEYS, f'{st.run.path.name}: flow-matching loss', True)]
 
 # %% ../nbs/02b_teacher.ipynb #c041
 def build_teacher(cfg:TeacherConfig, a_mean=None, a_std=None, features=None) -> Denoiser:
@@ -337,7 +340,8 @@ def train_teacher(cfg:TeacherConfig, cmd:str|None=None) -> tuple[TeacherMethod, 
     cbs = [Warmup(cfg.warmup)]
     if cfg.n_show > 0:
         clips = eval_clips(cfg.data, 'val', cfg.n_show, cfg.size, features=teacher_features(cfg))
-        cbs.append(SampleEvery(sample_hook(cfg, clips), cfg.sample_every or cfg.max_steps))
+        cbs += [SampleEvery(sample_hook(cfg, clips), cfg.sample_every or cfg.max_steps),
+                ShowTraining(cfg.sample_every or cfg.max_steps, None, teacher_curves)]
     t0 = time.time(); hist = fit(method, dl, cfg, run, callbacks=cbs)
     if _is_main(): _record_train(run, time.time() - t0, cfg.max_steps)
     return method, hist

@@ -205,7 +205,7 @@ class DMDConfig(StageConfig):
     teacher: str = SHIPPED_TEACHER # upstream teacher run (config.json, weights/)
     data: str = 'data/synthtalk' # SynthTalk folder with train/ val/ test/
     sigmas: str = '1,0.9375,0.8333,0.625' # the generator's step list: [1, .75, .5, .25] after the teacher's sampling shift 5 (1 level: direct one-step DMD)
-    s_ref: float = -1.0          # reference guidance of the real score (< 0: the teacher's; 1: none, audio guidance only)
+    s_ref: float = 1.25          # reference guidance of the real score (< 0: the teacher's 1.5; 1: none, audio guidance only)
     s_audio: float = -1.0        # audio guidance of the real score (< 0: the teacher's)
     t_min: float = 0.02          # DMD noise levels: uniform in [t_min, t_max], then shifted
     t_max: float = 0.98          # ...

@@ -68,6 +68,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate.select': ('ablate.html#select', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.set_aside': ('ablate.html#set_aside', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.sh': ('ablate.html#sh', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate.speed_cell': ('ablate.html#speed_cell', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.status_md': ('ablate.html#status_md', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.students': ('ablate.html#students', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.study_md': ('ablate.html#study_md', 'turbotalk/ablate.py'),

@@ -16,8 +16,8 @@ __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', '
            'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'metrics_seconds',
            'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records',
            'mean_std', 'better', 'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students',
-           'baselines', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed', 'plot_sweep',
-           'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md', 'main']
+           'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed',
+           'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -492,17 +492,18 @@ def claims_md(verdicts:list) -> str:
 
 # %% ../nbs/07_ablate.ipynb #c053
 def students(recs:list, studies:list, state:str='done') -> dict:
-    "{row name: dict(nfe, metric lists, measured speed-ups)} of the single-variant studies' runs in `state` (their seeds pooled)."
+    "{row name: dict(nfe, metric lists, measured speed-ups, pooled and by device)} of the single-variant studies' runs in `state` (their seeds pooled)."
     one = {s.name for s in studies if len(s.vary) == 1}; out = {}
     for r in (r for r in recs if r['study'] in one and r['state'] == state):
         for name, row in r['own'].items():
-            d = out.setdefault(name, dict(nfe=_num(row.get('nfe')), ratio=_num(row.get('speedup')), runs=set(), speed=[], **{k: [] for k in METRICS}))
+            d = out.setdefault(name, dict(nfe=_num(row.get('nfe')), ratio=_num(row.get('speedup')), runs=set(), speed=[], speed_by={}, **{k: [] for k in METRICS}))
             if r['run'] in d['runs']: continue
             d['runs'].add(r['run'])
             for k in METRICS:
                 if _num(row.get(k)) is not None: d[k].append(_num(row[k]))
             sp = (r['speed'].get('phases') or {}).get(str(int(_num(row.get('nfe')) or 0))) or (r['speed'] if r['speed'].get('nfe_student') == row.get('nfe') else {})
-            if _num(sp.get('speedup')): d['speed'].append(float(sp['speedup']))   # Stage 2 times every phase (results.json speed.phases)
+            if _num(sp.get('speedup')):   # Stage 2 times every phase (results.json speed.phases)
+                d['speed'].append(float(sp['speedup'])); d['speed_by'].setdefault(r['device'] or 'device not recorded', []).append(float(sp['speedup']))
     return out
 
 def baselines(recs:list) -> dict:
@@ -514,12 +515,17 @@ def baselines(recs:list) -> dict:
     return {}
 
 # %% ../nbs/07_ablate.ipynb #c054
+def speed_cell(d:dict) -> str:
+    "The measured speed-ups of a student row: pooled when its runs share one device and thread count, else one mean per device (contention changes the ratio)."
+    by = d.get('speed_by') or {}
+    return fmt(d['speed']) if len(by) < 2 else '; '.join(f'{fmt(v)} on {dev}' for dev, v in sorted(by.items()))
+
 def nfe_md(recs:list, studies:list) -> str:
     "Quality and speed against NFE: the students (mean ± std over seeds) and the baselines (one evaluation each)."
     rows, st, base = [], students(recs, studies), baselines(recs)
     for tag, st in (('', st), (' (stale, not counted)', students(recs, studies, 'stale'))):
         for n, d in sorted(st.items(), key=lambda kv: -(kv[1]['nfe'] or 0)):
-            rows.append([n + tag, _g(d['nfe']), len(d['runs'])] + [fmt(d[k]) for k in METRICS] + [_g(d['ratio']) + 'x' if d['ratio'] else '-', fmt(d['speed'])])
+            rows.append([n + tag, _g(d['nfe']), len(d['runs'])] + [fmt(d[k]) for k in METRICS] + [_g(d['ratio']) + 'x' if d['ratio'] else '-', speed_cell(d)])
     for n, b in base.items():
         nfe = _num(b.get('nfe'))
         rows.append([n, _g(nfe), 1] + [_g(_num(b.get(k))) for k in METRICS] + [(_g(_num(b.get('speedup'))) + 'x') if _num(b.get('speedup')) else '-', '-'])

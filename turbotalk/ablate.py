@@ -496,14 +496,15 @@ def students(recs:list, studies:list, state:str='done') -> dict:
     one = {s.name for s in studies if len(s.vary) == 1}; out = {}
     for r in (r for r in recs if r['study'] in one and r['state'] == state):
         for name, row in r['own'].items():
-            d = out.setdefault(name, dict(nfe=_num(row.get('nfe')), ratio=_num(row.get('speedup')), runs=set(), speed=[], speed_by={}, **{k: [] for k in METRICS}))
+            d = out.setdefault(name, dict(nfe=_num(row.get('nfe')), ratio=_num(row.get('speedup')), runs=set(), speed_by={}, **{k: [] for k in METRICS}))
             if r['run'] in d['runs']: continue
             d['runs'].add(r['run'])
             for k in METRICS:
                 if _num(row.get(k)) is not None: d[k].append(_num(row[k]))
             sp = (r['speed'].get('phases') or {}).get(str(int(_num(row.get('nfe')) or 0))) or (r['speed'] if r['speed'].get('nfe_student') == row.get('nfe') else {})
             if _num(sp.get('speedup')):   # Stage 2 times every phase (results.json speed.phases)
-                d['speed'].append(float(sp['speedup'])); d['speed_by'].setdefault(r['device'] or 'device not recorded', []).append(float(sp['speedup']))
+                d['speed_by'].setdefault(r['device'] or 'device not recorded', []).append(float(sp['speedup']))
+    for d in out.values(): d['speed'] = [x for xs in d['speed_by'].values() for x in xs]   # pooled over devices
     return out
 
 def baselines(recs:list) -> dict:

@@ -69,6 +69,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate.set_aside': ('ablate.html#set_aside', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.sh': ('ablate.html#sh', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.speed_cell': ('ablate.html#speed_cell', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate.speed_series': ('ablate.html#speed_series', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.status_md': ('ablate.html#status_md', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.students': ('ablate.html#students', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.study_md': ('ablate.html#study_md', 'turbotalk/ablate.py'),

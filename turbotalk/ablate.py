@@ -16,8 +16,9 @@ __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', '
            'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'metrics_seconds',
            'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records',
            'mean_std', 'better', 'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students',
-           'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'plot_speed',
-           'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md', 'main']
+           'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'speed_series',
+           'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md',
+           'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -587,15 +588,22 @@ def plot_quality(recs:list, studies:list, path, cmd:str='', devs=()) -> Path:
     fig.savefig(path, dpi=110); return Path(path)
 
 # %% ../nbs/07_ablate.ipynb #c058
+def speed_series(ss:dict, stale:bool=False) -> list:
+    "(label, NFE, measured speed-ups, device, student index) per student row of `students(...)` and per device and thread count: runs timed under different contention are never pooled into one marker."
+    devs = {dev for d in ss.values() for dev in d.get('speed_by', {})}
+    return [(f'{n}, measured' + f' on {dev}' * (len(devs) > 1) + ' (stale)' * stale, d['nfe'], sp, dev, i)
+            for i, (n, d) in enumerate(ss.items()) for dev, sp in sorted(d.get('speed_by', {}).items()) if d['nfe'] and sp]
+
 def plot_speed(recs:list, studies:list, path, cmd:str='', devs=()) -> Path:
-    "Speed-up over the teacher against NFE: the NFE ratio (ideal) and the end-to-end speed-up measured in each run."
+    "Speed-up over the teacher against NFE: the NFE ratio (ideal) and the end-to-end speed-ups measured in the runs, a marker per device and thread count."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(5.5, 4)); ax = fig.subplots(); base = baselines(recs)
     nt = max([_num(b.get('nfe')) or 0 for b in base.values()] + [120.0])
     xs = [1, 2, 3, 4, 6, nt]; ax.plot(xs, [nt / x for x in xs], '--', color='0.5', label=f'NFE ratio ({nt:g} / NFE)')
-    for st, kw in (('done', dict(fmt='o')), ('stale', dict(fmt='o', mfc='none', color='0.6'))):
-        for i, (n, d) in enumerate(students(recs, studies, st).items()):
-            if d['nfe'] and d['speed']: _err(ax, d['nfe'], d['speed'], label=f'{n}, measured{" (stale)" * (st == "stale")}', **(kw | ({'color': f'C{i}'} if st == 'done' else {})))
+    ser = {st: speed_series(students(recs, studies, st), stale=st == 'stale') for st in ('done', 'stale')}
+    marks = dict(zip(sorted({x[3] for v in ser.values() for x in v}), 'osD^v<>ph*'))   # a marker per device and thread count
+    for st, kw in (('done', {}), ('stale', dict(mfc='none', color='0.6'))):
+        for lab, x, sp, dev, i in ser[st]: _err(ax, x, sp, fmt=marks[dev], label=lab, **(kw or dict(color=f'C{i}')))
     ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xlabel('NFE per clip'); ax.set_ylabel('speed-up over the teacher')
     ax.legend(fontsize=6); _foot(fig, cmd, set(devs)); fig.tight_layout(rect=(0, 0.05, 1, 1)); fig.savefig(path, dpi=110); return Path(path)
 

@@ -601,9 +601,12 @@ def plot_speed(recs:list, studies:list, path, cmd:str='', devs=()) -> Path:
     nt = max([_num(b.get('nfe')) or 0 for b in base.values()] + [120.0])
     xs = [1, 2, 3, 4, 6, nt]; ax.plot(xs, [nt / x for x in xs], '--', color='0.5', label=f'NFE ratio ({nt:g} / NFE)')
     ser = {st: speed_series(students(recs, studies, st), stale=st == 'stale') for st in ('done', 'stale')}
+    at = {}   # series at one NFE are spread sideways (log axis) so that none hides another
+    for x in ser['done'] + ser['stale']: at.setdefault(x[1], []).append(x[0])
+    dx = {lab: 1.06 ** (j - (len(v) - 1) / 2) for v in at.values() for j, lab in enumerate(v)}
     marks = dict(zip(sorted({x[3] for v in ser.values() for x in v}), 'osD^v<>ph*'))   # a marker per device and thread count
     for st, kw in (('done', {}), ('stale', dict(mfc='none', color='0.6'))):
-        for lab, x, sp, dev, i in ser[st]: _err(ax, x, sp, fmt=marks[dev], label=lab, **(kw or dict(color=f'C{i}')))
+        for lab, x, sp, dev, i in ser[st]: _err(ax, x * dx[lab], sp, fmt=marks[dev], label=lab, **(kw or dict(color=f'C{i}')))
     ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xlabel('NFE per clip'); ax.set_ylabel('speed-up over the teacher')
     ax.legend(fontsize=6); _foot(fig, cmd, set(devs)); fig.tight_layout(rect=(0, 0.05, 1, 1)); fig.savefig(path, dpi=110); return Path(path)
 

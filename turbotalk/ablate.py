@@ -604,7 +604,8 @@ def plot_speed(recs:list, studies:list, path, cmd:str='', devs=()) -> Path:
     at = {}   # series at one NFE are spread sideways (log axis) so that none hides another
     for x in ser['done'] + ser['stale']: at.setdefault(x[1], []).append(x[0])
     dx = {lab: 1.06 ** (j - (len(v) - 1) / 2) for v in at.values() for j, lab in enumerate(v)}
-    marks = {dev: 'osD^v<>ph*'[j % 10] for j, dev in enumerate(sorted({x[3] for v in ser.values() for x in v}))}   # a marker per device and thread count (cycled past 10)
+    mk = 'osD^v<>ph*'   # a marker per device and thread count, cycled when there are more
+    marks = {dev: mk[j % len(mk)] for j, dev in enumerate(sorted({x[3] for v in ser.values() for x in v}))}
     for st, kw in (('done', {}), ('stale', dict(mfc='none', color='0.6'))):
         for lab, x, sp, dev, i in ser[st]: _err(ax, x * dx[lab], sp, fmt=marks[dev], label=lab, **(kw or dict(color=f'C{i}')))
     ax.set_xscale('log', base=2); ax.set_yscale('log'); ax.set_xlabel('NFE per clip'); ax.set_ylabel('speed-up over the teacher')

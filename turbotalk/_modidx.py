@@ -216,6 +216,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                 'turbotalk.core.WeightsError': ('core.html#weightserror', 'turbotalk/core.py'),
                                 'turbotalk.core._git_sha': ('core.html#_git_sha', 'turbotalk/core.py'),
                                 'turbotalk.core._jsonable': ('core.html#_jsonable', 'turbotalk/core.py'),
+                                'turbotalk.core.cpu_name': ('core.html#cpu_name', 'turbotalk/core.py'),
                                 'turbotalk.core.env_info': ('core.html#env_info', 'turbotalk/core.py'),
                                 'turbotalk.core.file_sha256': ('core.html#file_sha256', 'turbotalk/core.py'),
                                 'turbotalk.core.load_weights': ('core.html#load_weights', 'turbotalk/core.py'),

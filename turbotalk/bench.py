@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 import numpy as np
 import torch
-from .core import RunDir
+from .core import RunDir, cpu_name
 from .data import LogMelFeatures
 from .model import GUIDANCE, PRESETS, PixelCodec, TalkingDiT, WanVAECodec, cfg_velocity, sample, step_sigmas, teacher_sigmas
 
@@ -89,10 +89,10 @@ class PeakMem:
 
 # %% ../nbs/05a_bench.ipynb #c013
 def device_name(device) -> str:
-    "A human-readable device: the GPU's name, or 'cpu (N threads)'."
+    "A human-readable device: the GPU's name, or 'cpu (N threads, the chip)'."
     device = torch.device(device)
     if device.type == 'cuda': return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads(); return f'cpu ({n} thread{"s" * (n > 1)})'
+    n = torch.get_num_threads(); return f'cpu ({n} thread{"s" * (n > 1)}, {cpu_name()})'
 
 def _q(x, q:float) -> float: return float(np.percentile(np.asarray(x), q))
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SHIPPED_TEACHER', 'STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'env_info',
-           'RunDir', 'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
+__all__ = ['SHIPPED_TEACHER', 'STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'cpu_name',
+           'env_info', 'RunDir', 'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
 
 # %% ../nbs/00_core.ipynb #c006
 class TurboTalkError(Exception):
@@ -50,6 +50,15 @@ def _git_sha() -> str|None:
         return sha.stdout.strip() + ('-dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError): return None
 
+# %% ../nbs/00_core.ipynb #c011c
+def cpu_name(cpuinfo='/proc/cpuinfo') -> str:
+    "The CPU's model name (Linux's cpuinfo, else platform.processor()) and the widest vector unit torch uses, e.g. 'AMD EPYC, AVX2'."
+    try: name = next((l.split(':', 1)[1].strip() for l in Path(cpuinfo).read_text().splitlines() if l.startswith('model name')), '')
+    except OSError: name = ''
+    try: cap = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError): cap = ''
+    return ', '.join(s for s in (name or platform.processor() or 'unknown CPU', cap) if s)
+
 # %% ../nbs/00_core.ipynb #c012
 def env_info() -> dict:
     "Versions of the main packages, the device and the machine: goes into every config.json."
@@ -58,7 +67,7 @@ def env_info() -> dict:
     for p in ['torch', 'diffusers', 'transformers', 'accelerate', 'torchmetrics', 'numpy', 'av']:
         try: vers[p] = md.version(p)
         except md.PackageNotFoundError: vers[p] = None
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores)'
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'cpu ({os.cpu_count()} cores, {cpu_name()})'
     return dict(git=_git_sha(), versions=vers, device=dev, python=platform.python_version(),
                 platform=platform.platform(), time=time.strftime('%Y-%m-%dT%H:%M:%S'))
 

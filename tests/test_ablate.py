@@ -124,7 +124,7 @@ def _fake_run(run: Path, eff: dict, fid: float, seed: int, device='cpu (2 cores)
     run.mkdir(parents=True, exist_ok=True)
     row = dict(name='toy 1 step', nfe=1, fid_st=fid, fvd_st=2 * fid, sync_corr=0.9, speedup=8.0)
     (run/'results.json').write_text(json.dumps(dict(rows=[row], speed=dict(nfe_student=1, speedup=7.0 + seed, threads=2))))
-    (run/'config.json').write_text(json.dumps(dict(config={}, env=dict(device=device))))
+    (run/'config.json').write_text(json.dumps(dict(config={}, env=dict(device=device, git=f'{seed}' * 40))))   # made at commit 000..., 111...
     (run/'compare.csv').write_text('name,nfe,fid_st,fvd_st,sync_corr,speedup\nteacher 8 steps,8,1.0,1.5,0.95,1.0\nground truth,,0.5,0.2,0.98,\n')
     (run/'cmd.txt').write_text(f'papermill toy.ipynb {run}/toy.ipynb -p seed {seed}\n')
     (run/'metrics.jsonl').write_text(''.join(json.dumps(dict(step=i, g_loss=fid / i, d_loss=0.5)) + '\n' for i in range(1, 4)))
@@ -174,12 +174,14 @@ def test_collector_writes_results_md_csv_and_figures(collected):
     assert '- **a > b** (v/x1 vs v/x2): **holds**' in md and '- **a > d** (v/x1 vs v/x4): **not yet run**' in md
     assert '| papermill_runs/v/x1_seed2 | stale | parameter x:' in md         # listed apart, with why
     assert 'Made by `pytest collect`' in md and 'cpu (2 cores), 2 threads' in md   # the command and the device
+    assert '| cpu (2 cores), 2 threads | 1111111 |' in md and '| 0000000 |' in md   # each run's commit (its config.json)
     assert '| toy 1 step | 1 | 2 | 1.1 ± 0.14 (2) |' in md and '| teacher 8 steps | 8 | 1 |' in md   # NFE table: students, baselines
     for f in ('results_quality_nfe.png', 'results_speedup_nfe.png', 'results_sweep.png', 'results_curves.png'):
         assert (out/f).stat().st_size > 5000 and f'({f})' in md, f
     rows = list(csv.DictReader(open(out/'results.csv')))
     assert len([r for r in rows if r['study'] == 'v']) == 10 and {r['state'] for r in rows if r['run'].endswith('x1_seed2')} == {'stale'}
     assert [r['row'] for r in rows if r['study'] == 'baseline'] == ['teacher 8 steps', 'ground truth']
+    assert {r['git'] for r in rows if r['run'].endswith('_seed1')} == {'1' * 40}
 
 
 # ---------------------------------------------------------------- the real grid, run nothing

@@ -18,6 +18,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate._papermill_exe': ('ablate.html#_papermill_exe', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._parser': ('ablate.html#_parser', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._seeds': ('ablate.html#_seeds', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate._short': ('ablate.html#_short', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._side': ('ablate.html#_side', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._table': ('ablate.html#_table', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.baselines': ('ablate.html#baselines', 'turbotalk/ablate.py'),

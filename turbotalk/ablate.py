@@ -386,17 +386,17 @@ METRICS = {'fid_st': ('FID-ST', -1), 'fvd_st': ('FVD-ST', -1), 'sync_corr': ('Sy
 
 # %% ../nbs/07_ablate.ipynb #c042
 def read_run(run, nb:str='') -> dict:
-    "A run folder's record: own rows (results.json), the other rows of compare.csv, measured speed, device, wall time, command."
+    "A run folder's record: own rows (results.json), the other rows of compare.csv, measured speed, device, commit, wall time, command."
     run = Path(run); res, cfg = _json(run/'results.json'), _json(run/'config.json')
     own = {r['name']: r for r in res.get('rows', []) if isinstance(r, dict) and 'name' in r}
     try:
         with open(run/'compare.csv', newline='') as f: other = {r['name']: r for r in csv.DictReader(f) if r.get('name') not in own}
     except (OSError, KeyError): other = {}
     th = next((d['threads'] for d in (res.get('speed'), res.get('train')) if isinstance(d, dict) and d.get('threads')), None)
-    dev = (cfg.get('env') or {}).get('device') or ''
+    dev, git = ((cfg.get('env') or {}).get(k) or '' for k in ('device', 'git'))   # git: the commit the run was made from (config.json)
     cmd = (run/'cmd.txt').read_text().strip() if (run/'cmd.txt').is_file() else ''
     return dict(own=own, other=other, speed=res.get('speed') or {}, device=dev + (f', {th} thread{"s" * (th > 1)}' if dev and th else ''),
-                wall_s=job_seconds(run, nb) if nb else None, cmd=cmd)
+                git=git, wall_s=job_seconds(run, nb) if nb else None, cmd=cmd)
 
 def records(points:list) -> list:
     "One record per grid point: its study, variant and seed, its run's state (done / stale / unfinished / not run) and read_run."
@@ -554,13 +554,18 @@ def others_md(recs:list) -> str:
             rows.append([r['run'], r['state'], r['why']] + [_g(_num(row.get(k))) for k in METRICS])
     return _table(['run', 'state', 'why', *(f'{v[0]} (its row)' for v in METRICS.values())], rows) if rows else 'none'
 
+def _short(sha:str) -> str:
+    "A commit as git log --oneline shows it (7 hex digits), keeping a -dirty mark; '-' for none."
+    return '-' if not sha else sha[:7] + ('-dirty' if sha.endswith('-dirty') else '')
+
 def runs_md(recs:list) -> str:
-    "Every run of the grid: studies, seed, state, device, wall time and the command that made it."
+    "Every run of the grid: studies, seed, state, device, the commit it was made from, wall time and the command that made it."
     by = {}
     for r in recs: by.setdefault(r['run'], []).append(r)
     rows = [[run, ', '.join(sorted({x['study'] for x in rr})), rr[0]['seed'], rr[0]['state'], rr[0]['device'] or '-',
+             _short(rr[0]['git']),
              _g(rr[0]['wall_s'] / 60) if rr[0]['wall_s'] else '-', f"`{rr[0]['cmd']}`" if rr[0]['cmd'] else '-'] for run, rr in by.items()]
-    return _table(['run', 'studies', 'seed', 'state', 'device', 'wall min', 'command (cmd.txt)'], rows)
+    return _table(['run', 'studies', 'seed', 'state', 'device', 'commit', 'wall min', 'command (cmd.txt)'], rows)
 
 # %% ../nbs/07_ablate.ipynb #c057
 def _foot(fig, cmd:str, devs:set):
@@ -653,7 +658,7 @@ def plot_curves(recs:list, studies:list, path, keys=('g_loss', 'd_loss'), cmd:st
 
 # %% ../nbs/07_ablate.ipynb #c062
 CSV_COLS = ['study', 'variant', 'seed', 'run', 'state', 'row', 'nfe', 'fid_st', 'fvd_st', 'sync_corr', 'fid_st_face', 'speedup_nfe_ratio',
-            'speedup_measured', 'device', 'wall_s', 'cmd']
+            'speedup_measured', 'device', 'git', 'wall_s', 'cmd']
 
 def write_csv(recs:list, path) -> Path:
     "results.csv: a line per (grid point, evaluated row of its run), then the baseline rows."
@@ -664,7 +669,7 @@ def write_csv(recs:list, path) -> Path:
                 sp = r['speed'].get('speedup') if r['speed'].get('nfe_student') == row.get('nfe') else None
                 w.writerow(dict(study=r['study'], variant=r['label'], seed=r['seed'], run=r['run'], state=r['state'], row=n, nfe=row.get('nfe'),
                                 **{k: row.get(k) for k in ('fid_st', 'fvd_st', 'sync_corr', 'fid_st_face')}, speedup_nfe_ratio=row.get('speedup'),
-                                speedup_measured=sp, device=r['device'], wall_s=r['wall_s'], cmd=r['cmd']))
+                                speedup_measured=sp, device=r['device'], git=r['git'], wall_s=r['wall_s'], cmd=r['cmd']))
         for n, b in baselines(recs).items():
             w.writerow(dict(study='baseline', row=n, state='cached', **{k: b.get(k) for k in ('nfe', 'fid_st', 'fvd_st', 'sync_corr', 'fid_st_face')},
                             speedup_nfe_ratio=b.get('speedup'), device=b.get('device')))

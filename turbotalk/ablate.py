@@ -314,14 +314,20 @@ def job_seconds(run, nb) -> float|None:
 
 
 # %% ../nbs/07_ablate.ipynb #c034
-def rates(points:list) -> dict:
-    "{notebook name: dict(per_iter, per_run, n)} from the finished runs of the grid (papermill durations)."
+def rates(points:list, device:str|None=None) -> dict:
+    """{notebook name: dict(per_iter, per_run, n, device, on)} from the finished runs of the grid (papermill durations): only
+    those made on `device` (config.json's env device, e.g. env_info()['device']) when there are any, else all; `on`: their devices."""
     got = {}
     for run, ps in distinct(points).items():
-        if (d := job_seconds(run, ps[0].nb)): got.setdefault(Path(ps[0].nb).name, []).append((d, iterations(ps[0].eff)))
-    med = lambda xs: statistics.median(xs) if xs else None
-    return {k: dict(per_iter=med([d / i for d, i in v if i]) if all(i for _, i in v) else None, per_run=med([d for d, _ in v]), n=len(v))
-            for k, v in got.items()}
+        if (d := job_seconds(run, ps[0].nb)):
+            dev = (_json(Path(run)/'config.json').get('env') or {}).get('device') or 'device not recorded'
+            got.setdefault(Path(ps[0].nb).name, []).append((d, iterations(ps[0].eff), dev))
+    med, out = (lambda xs: statistics.median(xs) if xs else None), {}
+    for k, v in got.items():
+        v = [x for x in v if x[2] == device] or v   # a CPU's speed is its chip's: other machines' runs only when this one has none
+        out[k] = dict(per_iter=med([d / i for d, i, _ in v if i]) if all(i for _, i, _ in v) else None, per_run=med([d for d, _, _ in v]),
+                      n=len(v), device=device, on=sorted({x[2] for x in v}))
+    return out
 
 def estimate(p:Point, rs:dict) -> float|None:
     "Seconds a point's job should take: measured seconds per iteration (or per run), else the shipped runs' figure."
@@ -331,9 +337,9 @@ def estimate(p:Point, rs:dict) -> float|None:
     return FALLBACK_S_PER_ITER[name] * its if its and name in FALLBACK_S_PER_ITER else None
 
 # %% ../nbs/07_ablate.ipynb #c036
-def plan(points:list, skip=()) -> list:
+def plan(points:list, skip=(), device:str|None=None) -> list:
     "One row per run of the grid: its studies, status (done / resume / new), why, main job or not, estimated seconds left."
-    rs, rows = rates(points), []
+    rs, rows = rates(points, device), []
     for run, ps in distinct(points).items():
         p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs, p.nb); main = run in skip
         rows.append(dict(run=run, studies=sorted({q.study for q in ps}), status=st, why=why, main=main,
@@ -345,7 +351,11 @@ def _mins(s) -> str: return '?' if s is None else f'{s / 60:.0f} min' if s < 540
 def rates_text(rs:dict) -> str:
     "Where the estimates come from."
     got = [f"{k}: {r['per_iter']:.2f} s/iteration" if r['per_iter'] else f"{k}: {r['per_run'] / 60:.0f} min/run" for k, r in rs.items()]
-    got = [f"{g} (median of {r['n']} finished run{'s' * (r['n'] > 1)})" for g, r in zip(got, rs.values())]
+    def src(r):
+        n = f"median of {r['n']} finished run{'s' * (r['n'] > 1)}"
+        if not r.get('device') or r.get('on') == [r['device']]: return n + (' on this device' if r.get('device') else '')
+        return f"{n} on {'; '.join(r.get('on', []))}; none yet on this device, {r['device']}, which may be faster or slower"
+    got = [f"{g} ({src(r)})" for g, r in zip(got, rs.values())]
     return 'estimates: ' + '; '.join(got + [f'{k}: {v} s/iteration (shipped runs, 2-core CPU)' for k, v in FALLBACK_S_PER_ITER.items() if k not in rs])
 
 def plan_text(rows:list, rs:dict|None=None) -> str:
@@ -752,7 +762,7 @@ def main(argv=None, studies=None, claims=None, optima=None, skip=MAIN_JOB, root=
     except ValueError as e: p.error(str(e))
     allp = grid(studies) + ([q for q in pts if q.seed not in {x.seed for x in grid(studies)}] if seeds else [])
     if a.collect: collect(allp, studies, claims, optima, skip=skip, cmd=cmd); print('wrote papermill_runs/RESULTS.md'); return 0
-    print(plan_text(plan(sel, skip), rates(sel)), flush=True)
+    dev = env_info()['device']; print(plan_text(plan(sel, skip, dev), rates(sel, dev)), flush=True)   # estimates from this chip's runs
     if a.dry_run: return 0
     res = run_grid(sel, skip, a.threads)
     if not a.no_collect: collect(allp, studies, claims, optima, skip=skip, cmd=cmd); print('wrote papermill_runs/RESULTS.md')

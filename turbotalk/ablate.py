@@ -337,9 +337,9 @@ def estimate(p:Point, rs:dict) -> float|None:
     return FALLBACK_S_PER_ITER[name] * its if its and name in FALLBACK_S_PER_ITER else None
 
 # %% ../nbs/07_ablate.ipynb #c036
-def plan(points:list, skip=(), device:str|None=None) -> list:
-    "One row per run of the grid: its studies, status (done / resume / new), why, main job or not, estimated seconds left."
-    rs, rows = rates(points, device), []
+def plan(points:list, skip=(), rs:dict|None=None) -> list:
+    "One row per run of the grid: its studies, status (done / resume / new), why, main job or not, estimated seconds left (by `rs`, else rates(points))."
+    rs, rows = rates(points) if rs is None else rs, []
     for run, ps in distinct(points).items():
         p = ps[0]; st, why = job_status(run, p.eff, p.files, p.outputs, p.nb); main = run in skip
         rows.append(dict(run=run, studies=sorted({q.study for q in ps}), status=st, why=why, main=main,
@@ -353,8 +353,8 @@ def rates_text(rs:dict) -> str:
     got = [f"{k}: {r['per_iter']:.2f} s/iteration" if r['per_iter'] else f"{k}: {r['per_run'] / 60:.0f} min/run" for k, r in rs.items()]
     def src(r):
         n = f"median of {r['n']} finished run{'s' * (r['n'] > 1)}"
-        if not r.get('device') or r.get('on') == [r['device']]: return n + (' on this device' if r.get('device') else '')
-        return f"{n} on {'; '.join(r.get('on', []))}; none yet on this device, {r['device']}, which may be faster or slower"
+        if not r['device'] or r['on'] == [r['device']]: return n + (' on this device' if r['device'] else '')
+        return f"{n} on {'; '.join(r['on'])}; none yet on this device, {r['device']}, which may be faster or slower"
     got = [f"{g} ({src(r)})" for g, r in zip(got, rs.values())]
     return 'estimates: ' + '; '.join(got + [f'{k}: {v} s/iteration (shipped runs, 2-core CPU)' for k, v in FALLBACK_S_PER_ITER.items() if k not in rs])
 
@@ -762,7 +762,7 @@ def main(argv=None, studies=None, claims=None, optima=None, skip=MAIN_JOB, root=
     except ValueError as e: p.error(str(e))
     allp = grid(studies) + ([q for q in pts if q.seed not in {x.seed for x in grid(studies)}] if seeds else [])
     if a.collect: collect(allp, studies, claims, optima, skip=skip, cmd=cmd); print('wrote papermill_runs/RESULTS.md'); return 0
-    dev = env_info()['device']; print(plan_text(plan(sel, skip, dev), rates(sel, dev)), flush=True)   # estimates from this chip's runs
+    rs = rates(sel, env_info()['device']); print(plan_text(plan(sel, skip, rs), rs), flush=True)   # estimates from this chip's runs
     if a.dry_run: return 0
     res = run_grid(sel, skip, a.threads)
     if not a.no_collect: collect(allp, studies, claims, optima, skip=skip, cmd=cmd); print('wrote papermill_runs/RESULTS.md')

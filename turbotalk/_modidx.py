@@ -66,6 +66,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate.run_notebook': ('ablate.html#run_notebook', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.runs_md': ('ablate.html#runs_md', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.same_here': ('ablate.html#same_here', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate.seeds_to_resolve': ('ablate.html#seeds_to_resolve', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.select': ('ablate.html#select', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.set_aside': ('ablate.html#set_aside', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate.sh': ('ablate.html#sh', 'turbotalk/ablate.py'),

@@ -15,10 +15,10 @@ __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', '
            'run_notebook', 'run_job', 'freeze_progress', 'main_runs', 'main_params', 'Study', 'run_name', 'Point',
            'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'metrics_seconds',
            'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records',
-           'mean_std', 'better', 'overall', 'interior_optimum', 'values', 'fmt', 'judge', 'claims_md', 'students',
-           'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md', 'plot_quality', 'speed_series',
-           'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md', 'collect', 'results_md',
-           'main']
+           'mean_std', 'better', 'seeds_to_resolve', 'overall', 'interior_optimum', 'values', 'fmt', 'judge',
+           'claims_md', 'students', 'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md',
+           'plot_quality', 'speed_series', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md',
+           'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -433,6 +433,12 @@ def better(a:list, b:list, sign:int=1) -> tuple:
     se2 = 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)
     return ('holds' if d > 0 else 'does not hold') if abs(d) > se2 else 'within noise', d, se2
 
+def seeds_to_resolve(a:list, b:list) -> int|None:
+    "Seeds per variant at which the difference of means of `a` and `b` would exceed 2 SE with their spreads as measured; None without 2 seeds a side or a difference."
+    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    if min(na, nb) < 2 or ma == mb: return None
+    return math.floor(4 * (sa ** 2 + sb ** 2) / (ma - mb) ** 2) + 1
+
 def overall(vs:list) -> str:
     "One verdict from per-metric ones: holds / does not hold when the metrics that differ agree, mixed when they do not."
     s = set(vs)
@@ -473,14 +479,15 @@ def _side(recs:list, side:tuple, metric:str) -> str:
     return fmt(values(recs, *side, metric)) + (f' [stale, not counted: {fmt(st)}]' if st else '')
 
 def judge(recs:list, claims:list, optima:list, studies:list) -> list:
-    "One dict per claim: its name, overall verdict and per-metric rows (a, b, difference in favour of a, 2 SE, verdict)."
+    "One dict per claim: its name, overall verdict and per-metric rows (a, b, difference in favour of a, 2 SE, verdict, seeds a side to resolve a difference within noise)."
     out = []
     for c in claims:
         rows = []
         for k, (name, sign) in METRICS.items():
             a, b = values(recs, *c.a, k), values(recs, *c.b, k)
             v, d, se2 = better(a, b, sign)
-            rows.append(dict(metric=name, a=_side(recs, c.a, k), b=_side(recs, c.b, k), diff=d, se2=se2, verdict=v))
+            rows.append(dict(metric=name, a=_side(recs, c.a, k), b=_side(recs, c.b, k), diff=d, se2=se2, verdict=v,
+                             seeds=seeds_to_resolve(a, b) if v == 'within noise' else None))
         out.append(dict(name=c.name, sides=f'{c.a[0]}/{c.a[1]} vs {c.b[0]}/{c.b[1]}', verdict=overall([r['verdict'] for r in rows]), rows=rows))
     for o in optima:
         s = next(s for s in studies if s.name == o.study); rows = []
@@ -488,7 +495,7 @@ def judge(recs:list, claims:list, optima:list, studies:list) -> list:
             g = {kn[o.knob]: values(recs, o.study, run_name(kn, None, s.prefix), k) for kn in s.vary}
             v, best = interior_optimum(g, sign)
             rows.append(dict(metric=name, a=f'best {o.knob} = {best}' if best is not None else '-',
-                             b=', '.join(f'{x:g}: {fmt(xs)}' for x, xs in sorted(g.items())), diff=math.nan, se2=math.nan, verdict=v))
+                             b=', '.join(f'{x:g}: {fmt(xs)}' for x, xs in sorted(g.items())), diff=math.nan, se2=math.nan, verdict=v, seeds=None))
         out.append(dict(name=o.name, sides=f'{o.study}: {o.knob}', verdict=overall([r['verdict'] for r in rows]), rows=rows))
     return out
 
@@ -498,8 +505,8 @@ def _g(x) -> str: return '-' if x is None or (isinstance(x, float) and math.isna
 def claims_md(verdicts:list) -> str:
     "The claims: one line each with its overall verdict, then a row per metric."
     lines = [f"- **{v['name']}** ({v['sides']}): **{v['verdict']}**" for v in verdicts]
-    rows = [[v['name'], r['metric'], r['a'], r['b'], _g(r['diff']), _g(r['se2']), r['verdict']] for v in verdicts for r in v['rows']]
-    return '\n'.join(lines) + '\n\n' + _table(['claim', 'metric', 'A: mean ± std (seeds)', 'B', 'Δ (A better if > 0)', '2 SE', 'verdict'], rows)
+    rows = [[v['name'], r['metric'], r['a'], r['b'], _g(r['diff']), _g(r['se2']), r['verdict'], r.get('seeds') or '-'] for v in verdicts for r in v['rows']]
+    return '\n'.join(lines) + '\n\n' + _table(['claim', 'metric', 'A: mean ± std (seeds)', 'B', 'Δ (A better if > 0)', '2 SE', 'verdict', 'seeds a side to resolve (same spread)'], rows)
 
 # %% ../nbs/07_ablate.ipynb #c053
 def students(recs:list, studies:list, state:str='done') -> dict:
@@ -723,7 +730,7 @@ def results_md(recs, pl, studies, vs, figs, cmd, devs, out) -> str:
     parts = [f'# Ablations: results\n\nMade by `{cmd}` on {e["time"]} at git {e["git"]} from the run folders of the grid '
              f'(`turbotalk.ablate.STUDIES`, chapter 07): {n["done"]} runs count, {n["stale"]} stale, {n["unfinished"]} unfinished, {n["not run"]} not run. '
              f'Devices of the runs: {"; ".join(sorted(devs)) or "-"}.\n\nMeans ± sample std over seeds, the number of seeds in brackets. A difference is real '
-             'when it exceeds twice its standard error sqrt(s_a²/n_a + s_b²/n_b) (2 SE), which needs 2 seeds or more on each side. A run counts only when '
+             'when it exceeds twice its standard error sqrt(s_a²/n_a + s_b²/n_b) (2 SE), which needs 2 seeds or more on each side; for a difference within noise, the seeds a side at which one of its size would clear 2 SE if the spreads held. A run counts only when '
              "its inputs.json matches today's notebook defaults, parameters and input files (`run_status`: done); stale and unfinished runs are listed apart "
              'and never enter a mean. Metrics: chapter 05 (FID-ST, FVD-ST: lower is better; Sync-corr: higher is better) on the study\'s final student.',
              '## Grid status\n\n' + status_md(recs, pl, studies) + f'\n\nMain job runs are made by `make demo`; the rest by `python -m turbotalk.ablate [--study S]`.',

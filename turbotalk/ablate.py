@@ -505,7 +505,7 @@ def _g(x) -> str: return '-' if x is None or (isinstance(x, float) and math.isna
 def claims_md(verdicts:list) -> str:
     "The claims: one line each with its overall verdict, then a row per metric."
     lines = [f"- **{v['name']}** ({v['sides']}): **{v['verdict']}**" for v in verdicts]
-    rows = [[v['name'], r['metric'], r['a'], r['b'], _g(r['diff']), _g(r['se2']), r['verdict'], r.get('seeds') or '-'] for v in verdicts for r in v['rows']]
+    rows = [[v['name'], r['metric'], r['a'], r['b'], _g(r['diff']), _g(r['se2']), r['verdict'], r['seeds'] or '-'] for v in verdicts for r in v['rows']]
     return '\n'.join(lines) + '\n\n' + _table(['claim', 'metric', 'A: mean ± std (seeds)', 'B', 'Δ (A better if > 0)', '2 SE', 'verdict', 'seeds a side to resolve (same spread)'], rows)
 
 # %% ../nbs/07_ablate.ipynb #c053

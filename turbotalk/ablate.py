@@ -434,10 +434,17 @@ def better(a:list, b:list, sign:int=1) -> tuple:
     return ('holds' if d > 0 else 'does not hold') if abs(d) > se2 else 'within noise', d, se2
 
 def seeds_to_resolve(a:list, b:list) -> int|None:
-    "Seeds per variant at which the difference of means of `a` and `b` would exceed 2 SE with their spreads as measured; None without 2 seeds a side or a difference."
+    "Seeds per variant (at least 2) at which the difference of means of `a` and `b` would exceed 2 SE, as `better` tests it, with their spreads as measured; None without 2 seeds a side or a difference."
     (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
-    if min(na, nb) < 2 or ma == mb: return None
-    return math.floor(4 * (sa ** 2 + sb ** 2) / (ma - mb) ** 2) + 1
+    if min(na, nb) < 2 or math.isclose(ma, mb, rel_tol=1e-9, abs_tol=1e-12): return None   # equal means, up to rounding
+    d = abs(ma - mb)
+    clears = lambda n: d > 2 * math.sqrt(sa ** 2 / n + sb ** 2 / n)   # better's test at n seeds a side
+    n = max(2, math.floor(4 * (sa ** 2 + sb ** 2) / d ** 2) + 1)       # the closed form: rounding can put it one off
+    for _ in range(2):
+        if n > 2 and clears(n - 1): n -= 1
+    for _ in range(2):
+        if not clears(n): n += 1
+    return n
 
 def overall(vs:list) -> str:
     "One verdict from per-metric ones: holds / does not hold when the metrics that differ agree, mixed when they do not."

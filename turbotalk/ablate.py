@@ -653,15 +653,22 @@ def plot_sweep(recs:list, s:Study, knob:str, path, cmd:str='', devs=()) -> Path:
 
 # %% ../nbs/07_ablate.ipynb #c059
 def curve(run, key:str, smooth:int=10) -> tuple:
-    "(iterations, values) of a metric of metrics.jsonl, phases one after another, as a running mean over `smooth` logged rows."
-    p, xs, ys, off, last, ph = Path(run)/'metrics.jsonl', [], [], 0, 0, None
+    """(iterations, values) of a metric of metrics.jsonl, phases one after another, as a running mean over `smooth` logged rows.
+    A job resumed from a checkpoint logs again from there: its rows replace the ones the killed attempt logged past it."""
+    p, rows = Path(run)/'metrics.jsonl', []   # (phase, step, value) of the training rows, in order
     if not p.is_file(): return [], []
     for l in p.read_text().splitlines():
         try: d = json.loads(l)
         except ValueError: continue
-        if d.get('phase', ph) != ph: off, ph = off + last, d.get('phase')   # a new phase counts on from the last one's end
-        last = d.get('step', last)
-        if 'event' not in d and _num(d.get(key)) is not None: xs.append(off + d['step']); ys.append(_num(d[key]))
+        if not isinstance(d, dict) or 'event' in d or not isinstance(d.get('step'), int): continue
+        ph = d.get('phase', rows[-1][0] if rows else None)
+        while rows and rows[-1][0] == ph and rows[-1][1] >= d['step']: rows.pop()
+        rows.append((ph, d['step'], _num(d.get(key))))
+    xs, ys, off, last, cur = [], [], 0, 0, None
+    for ph, step, v in rows:
+        if ph != cur: off, cur = off + last, ph   # a new phase counts on from the last one's end
+        last = step
+        if v is not None: xs.append(off + step); ys.append(v)
     return xs, [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
 
 def plot_curves(recs:list, studies:list, path, keys=('g_loss', 'd_loss'), cmd:str='', devs=()) -> Path|None:

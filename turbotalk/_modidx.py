@@ -221,6 +221,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                 'turbotalk.core.cpu_name': ('core.html#cpu_name', 'turbotalk/core.py'),
                                 'turbotalk.core.env_info': ('core.html#env_info', 'turbotalk/core.py'),
                                 'turbotalk.core.file_sha256': ('core.html#file_sha256', 'turbotalk/core.py'),
+                                'turbotalk.core.latest_rows': ('core.html#latest_rows', 'turbotalk/core.py'),
                                 'turbotalk.core.load_weights': ('core.html#load_weights', 'turbotalk/core.py'),
                                 'turbotalk.core.repo_root': ('core.html#repo_root', 'turbotalk/core.py'),
                                 'turbotalk.core.run_inputs': ('core.html#run_inputs', 'turbotalk/core.py'),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, ast, csv, functools, html, json, math, os, re, statistics, subprocess, sys, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import SHIPPED_TEACHER, env_info, repo_root, run_status, stamp_run
+from .core import SHIPPED_TEACHER, env_info, latest_rows, repo_root, run_status, stamp_run
 
 # %% auto #0
 __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', 'FALLBACK_S_PER_ITER', 'METRICS', 'CSV_COLS',
@@ -654,21 +654,18 @@ def plot_sweep(recs:list, s:Study, knob:str, path, cmd:str='', devs=()) -> Path:
 # %% ../nbs/07_ablate.ipynb #c059
 def curve(run, key:str, smooth:int=10) -> tuple:
     """(iterations, values) of a metric of metrics.jsonl, phases one after another, as a running mean over `smooth` logged rows.
-    A job resumed from a checkpoint logs again from there: its rows replace the ones the killed attempt logged past it."""
-    p, rows = Path(run)/'metrics.jsonl', []   # (phase, step, value) of the training rows, in order
+    A job resumed from a checkpoint logs again from there: its rows replace the ones the killed attempt logged past it (`latest_rows`)."""
+    p, rows = Path(run)/'metrics.jsonl', []   # the training rows (not events), in order
     if not p.is_file(): return [], []
     for l in p.read_text().splitlines():
         try: d = json.loads(l)
         except ValueError: continue
-        if not isinstance(d, dict) or 'event' in d or not isinstance(d.get('step'), int): continue
-        ph = d.get('phase', rows[-1][0] if rows else None)
-        while rows and rows[-1][0] == ph and rows[-1][1] >= d['step']: rows.pop()
-        rows.append((ph, d['step'], _num(d.get(key))))
+        if isinstance(d, dict) and 'event' not in d and isinstance(d.get('step'), int): rows.append(d)
     xs, ys, off, last, cur = [], [], 0, 0, None
-    for ph, step, v in rows:
-        if ph != cur: off, cur = off + last, ph   # a new phase counts on from the last one's end
-        last = step
-        if v is not None: xs.append(off + step); ys.append(v)
+    for d in latest_rows(rows):
+        if d.get('phase') != cur: off, cur = off + last, d.get('phase')   # a new phase counts on from the last one's end
+        last = d['step']
+        if _num(d.get(key)) is not None: xs.append(off + d['step']); ys.append(_num(d[key]))
     return xs, [sum(ys[max(0, i - smooth + 1):i + 1]) / len(ys[max(0, i - smooth + 1):i + 1]) for i in range(len(ys))]
 
 def plot_curves(recs:list, studies:list, path, keys=('g_loss', 'd_loss'), cmd:str='', devs=()) -> Path|None:

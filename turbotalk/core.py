@@ -11,7 +11,8 @@ import torch
 
 # %% auto #0
 __all__ = ['SHIPPED_TEACHER', 'STAMP', 'TurboTalkError', 'MediaError', 'WeightsError', 'seed_everything', 'repo_root', 'cpu_name',
-           'env_info', 'RunDir', 'save_weights', 'load_weights', 'file_sha256', 'run_inputs', 'run_status', 'stamp_run']
+           'env_info', 'RunDir', 'latest_rows', 'save_weights', 'load_weights', 'file_sha256', 'run_inputs',
+           'run_status', 'stamp_run']
 
 # %% ../nbs/00_core.ipynb #c006
 class TurboTalkError(Exception):
@@ -112,6 +113,17 @@ class RunDir:
     def write_cmd(self, cmd:str|None=None):
         "Record the command that made the run: `cmd`, else $TURBOTALK_CMD (set by papermill wrappers), else argv."
         (self.path/'cmd.txt').write_text((cmd or os.environ.get('TURBOTALK_CMD') or ' '.join(sys.argv)) + '\n')
+
+def latest_rows(rows:list) -> list:
+    """metrics.jsonl rows as the weights were made: a job resumed from a checkpoint logs again from there, so a training row
+    (not an event) is dropped when a later row of its phase has a step at or below its own (the killed attempt's tail)."""
+    low, out = {}, []
+    for r in reversed(rows):
+        if 'event' not in r and isinstance(r.get('step'), int):
+            if r['step'] >= low.get(r.get('phase'), float('inf')): continue
+            low[r.get('phase')] = r['step']
+        out.append(r)
+    return out[::-1]
 
 # %% ../nbs/00_core.ipynb #c017
 def save_weights(sd:dict, # name -> tensor

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
-from .core import RunDir, TurboTalkError, seed_everything, save_weights, load_weights
+from .core import RunDir, TurboTalkError, seed_everything, save_weights, load_weights, latest_rows
 
 # %% auto #0
 __all__ = ['StageConfig', 'Method', 'role_state', 'load_role_state', 'train_only', 'mog', 'ToyData', 'mlp', 'VelocityNet',
@@ -403,8 +403,9 @@ def plot_metrics(rows:list,           # metrics.jsonl rows (RunDir.metrics())
                  path=None,           # save the figure here (PNG) when given
                  title:str='', log:bool=True, # title; log-scale y
                  ax=None):            # draw here (e.g. from plt.subplots in a notebook); None: a new headless figure
-    "A figure of metrics against the step (rows without the key, and values <= 0 on a log axis, are left out); saved to `path` if given."
+    "A figure of metrics against the step (rows without the key, values <= 0 on a log axis, and rows a resumed job logged again are left out); saved to `path` if given."
     from matplotlib.figure import Figure  # no pyplot: never switches a notebook's backend, needs no display
+    rows = latest_rows(rows)
     if ax is None: ax = Figure(figsize=(6, 3)).subplots()
     fig = ax.figure
     for k in keys:

@@ -114,14 +114,15 @@ class RunDir:
         "Record the command that made the run: `cmd`, else $TURBOTALK_CMD (set by papermill wrappers), else argv."
         (self.path/'cmd.txt').write_text((cmd or os.environ.get('TURBOTALK_CMD') or ' '.join(sys.argv)) + '\n')
 
-def latest_rows(rows:list) -> list:
-    """metrics.jsonl rows as the weights were made: a job resumed from a checkpoint logs again from there, so a training row
-    (not an event) is dropped when a later row of its phase has a step at or below its own (the killed attempt's tail)."""
+def latest_rows(rows:list,              # metrics.jsonl rows, in the order logged
+                series:str='phase') -> list: # the field that tells the log's series apart (Stage 2's phase; 'probe' for chapter 05's probe log)
+    """metrics.jsonl rows as the weights were made: a job resumed from a checkpoint logs again from there, so a row (not an
+    event) is dropped when a later row of its series has a step at or below its own (the killed attempt's tail)."""
     low, out = {}, []
     for r in reversed(rows):
         if 'event' not in r and isinstance(r.get('step'), int):
-            if r['step'] >= low.get(r.get('phase'), float('inf')): continue
-            low[r.get('phase')] = r['step']
+            if r['step'] >= low.get(r.get(series), float('inf')): continue
+            low[r.get(series)] = r['step']
         out.append(r)
     return out[::-1]
 

@@ -17,6 +17,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate._num': ('ablate.html#_num', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._papermill_exe': ('ablate.html#_papermill_exe', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._parser': ('ablate.html#_parser', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate._se2': ('ablate.html#_se2', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._seeds': ('ablate.html#_seeds', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._short': ('ablate.html#_short', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._side': ('ablate.html#_side', 'turbotalk/ablate.py'),

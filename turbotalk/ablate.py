@@ -425,12 +425,14 @@ def mean_std(xs:list) -> tuple:
     m = sum(xs) / n
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan, n
 
+def _se2(sa:float, na:int, sb:float, nb:int) -> float: return 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)   # twice the difference's standard error
+
 def better(a:list, b:list, sign:int=1) -> tuple:
     "Is `a` better than `b` (sign +1: higher is better)? (verdict, difference in favour of a, twice its standard error)."
     (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
     d = (ma - mb) * sign
     if min(na, nb) < 2: return 'not yet run', d, math.nan
-    se2 = 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    se2 = _se2(sa, na, sb, nb)
     return ('holds' if d > 0 else 'does not hold') if abs(d) > se2 else 'within noise', d, se2
 
 def seeds_to_resolve(a:list, b:list) -> int|None:
@@ -438,7 +440,7 @@ def seeds_to_resolve(a:list, b:list) -> int|None:
     (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
     if min(na, nb) < 2 or math.isclose(ma, mb, rel_tol=1e-9, abs_tol=1e-12): return None   # equal means, up to rounding
     d = abs(ma - mb)
-    clears = lambda n: d > 2 * math.sqrt(sa ** 2 / n + sb ** 2 / n)   # better's test at n seeds a side
+    clears = lambda n: d > _se2(sa, n, sb, n)   # better's test at n seeds a side
     n = max(2, math.floor(4 * (sa ** 2 + sb ** 2) / d ** 2) + 1)       # the closed form: rounding can put it one off
     for _ in range(2):
         if n > 2 and clears(n - 1): n -= 1

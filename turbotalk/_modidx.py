@@ -11,6 +11,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '', 'doc_host': '', 'git_url
                                   'turbotalk.ablate._foot': ('ablate.html#_foot', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._g': ('ablate.html#_g', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._json': ('ablate.html#_json', 'turbotalk/ablate.py'),
+                                  'turbotalk.ablate._jsonl_rows': ('ablate.html#_jsonl_rows', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._key': ('ablate.html#_key', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._knob': ('ablate.html#_knob', 'turbotalk/ablate.py'),
                                   'turbotalk.ablate._mins': ('ablate.html#_mins', 'turbotalk/ablate.py'),

@@ -285,20 +285,24 @@ def nb_duration(run, nb) -> float|None:
     except (OSError, ValueError, KeyError, TypeError): return None
     return md.get('duration') if not md.get('exception') else None
 
-def metrics_seconds(run) -> float:
-    """Training seconds from a run's metrics.jsonl: each row's sec_per_step times the steps since the row before it (per phase).
-    A step logged twice (a killed job resumed from an earlier checkpoint) counts once, its last time."""
-    last = {}
+def _jsonl_rows(run) -> list:
+    "The rows of a run's metrics.jsonl that have a whole-number step, in order; lines that are not a JSON object are skipped, no file is no rows."
     try: lines = (Path(run)/'metrics.jsonl').read_text().splitlines()
-    except OSError: return 0.0
+    except OSError: return []
+    out = []
     for ln in lines:
         try: r = json.loads(ln)
         except ValueError: continue
-        if isinstance(r, dict) and _num(r.get('sec_per_step')) is not None and isinstance(r.get('step'), int):
-            last[(str(r.get('phase', '')), r['step'])] = r['sec_per_step']
+        if isinstance(r, dict) and isinstance(r.get('step'), int): out.append(r)
+    return out
+
+def metrics_seconds(run) -> float:
+    """Training seconds from a run's metrics.jsonl: each row's sec_per_step times the steps since the row before it (per phase).
+    A step logged twice (a killed job resumed from an earlier checkpoint) counts once, its last time (`latest_rows`)."""
     t, prev = 0.0, {}
-    for (ph, step), sps in sorted(last.items()):
-        t += sps * (step - prev.get(ph, 0)); prev[ph] = step
+    for r in latest_rows(_jsonl_rows(run)):
+        if (sps := _num(r.get('sec_per_step'))) is not None:
+            t += sps * (r['step'] - prev.get(r.get('phase'), 0)); prev[r.get('phase')] = r['step']
     return t
 
 def job_seconds(run, nb) -> float|None:
@@ -657,14 +661,8 @@ def plot_sweep(recs:list, s:Study, knob:str, path, cmd:str='', devs=()) -> Path:
 def curve(run, key:str, smooth:int=10) -> tuple:
     """(iterations, values) of a metric of metrics.jsonl, phases one after another, as a running mean over `smooth` logged rows.
     A job resumed from a checkpoint logs again from there: its rows replace the ones the killed attempt logged past it (`latest_rows`)."""
-    p, rows = Path(run)/'metrics.jsonl', []   # the training rows (not events), in order
-    if not p.is_file(): return [], []
-    for l in p.read_text().splitlines():
-        try: d = json.loads(l)
-        except ValueError: continue
-        if isinstance(d, dict) and 'event' not in d and isinstance(d.get('step'), int): rows.append(d)
     xs, ys, off, last, cur = [], [], 0, 0, None
-    for d in latest_rows(rows):
+    for d in latest_rows([r for r in _jsonl_rows(run) if 'event' not in r]):
         if d.get('phase') != cur: off, cur = off + last, d.get('phase')   # a new phase counts on from the last one's end
         last = d['step']
         if _num(d.get(key)) is not None: xs.append(off + d['step']); ys.append(_num(d[key]))

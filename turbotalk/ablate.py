@@ -14,11 +14,11 @@ __all__ = ['M', 'ADV_NB', 'DMD_NB', 'MAIN_JOB', 'STUDIES', 'CLAIMS', 'OPTIMA', '
            'param_value', 'effective', 'same_here', 'job_status', 'set_aside', 'sh', 'papermill_args', 'job_env',
            'run_notebook', 'run_job', 'freeze_progress', 'main_runs', 'main_params', 'Study', 'run_name', 'Point',
            'grid', 'distinct', 'select', 'Claim', 'Optimum', 'iterations', 'nb_duration', 'metrics_seconds',
-           'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid', 'read_run', 'records',
-           'mean_std', 'better', 'seeds_to_resolve', 'overall', 'interior_optimum', 'values', 'fmt', 'judge',
-           'claims_md', 'students', 'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md', 'runs_md',
-           'plot_quality', 'speed_series', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv', 'status_md',
-           'collect', 'results_md', 'main']
+           'last_segment', 'job_seconds', 'rates', 'estimate', 'plan', 'rates_text', 'plan_text', 'run_grid',
+           'read_run', 'records', 'mean_std', 'better', 'seeds_to_resolve', 'overall', 'interior_optimum', 'values',
+           'fmt', 'judge', 'claims_md', 'students', 'baselines', 'speed_cell', 'nfe_md', 'study_md', 'others_md',
+           'runs_md', 'plot_quality', 'speed_series', 'plot_speed', 'plot_sweep', 'curve', 'plot_curves', 'write_csv',
+           'status_md', 'collect', 'results_md', 'main']
 
 # %% ../nbs/07_ablate.ipynb #c005
 def param_value(v):
@@ -296,24 +296,45 @@ def _jsonl_rows(run) -> list:
         if isinstance(r, dict) and isinstance(r.get('step'), int): out.append(r)
     return out
 
-def metrics_seconds(run) -> float:
-    """Training seconds from a run's metrics.jsonl: each row's sec_per_step times the steps since the row before it (per phase).
-    A step logged twice (a killed job resumed from an earlier checkpoint) counts once, its last time (`latest_rows`)."""
-    t, prev = 0.0, {}
-    for r in latest_rows(_jsonl_rows(run)):
+def _step_seconds(rows) -> list:
+    """(row, seconds) for each timed row kept by `latest_rows`: its sec_per_step times the steps since the kept row before it
+    in its phase. A step logged twice (a killed job resumed from an earlier checkpoint) counts once, its last time."""
+    out, prev = [], {}
+    for r in latest_rows(rows):
         if (sps := _num(r.get('sec_per_step'))) is not None:
-            t += sps * (r['step'] - prev.get(r.get('phase'), 0)); prev[r.get('phase')] = r['step']
-    return t
+            out.append((r, sps * (r['step'] - prev.get(r.get('phase'), 0)))); prev[r.get('phase')] = r['step']
+    return out
+
+def metrics_seconds(run) -> float:
+    "Training seconds from a run's metrics.jsonl (`_step_seconds`): each step once."
+    return sum(t for _, t in _step_seconds(_jsonl_rows(run)))
+
+def last_segment(rows) -> list:
+    """The rows a resumed job's last execution logged: those from its last restart on, a 'start' event naming a checkpoint it
+    resumed from, or a step at or below the step its phase logged just before. All rows when there is none (a restart at a phase's
+    end, before the next phase logged anything, cannot be told from a job that ran once)."""
+    last, cut = {}, 0
+    for i, r in enumerate(rows):
+        if r.get('event') == 'start' and r.get('resumed_from'): cut = i
+        elif 'event' not in r:
+            if r['step'] <= last.get(r.get('phase'), -1): cut = i   # its phase's steps went back: logged again from a checkpoint
+            last[r.get('phase')] = r['step']
+    return rows[cut:]
 
 def job_seconds(run, nb) -> float|None:
-    """A finished job's wall time. Papermill's, when its notebook ran the training; when the executed notebook took less
-    than the training (a job resumed, or executed again after its training), the training's time (metrics.jsonl, or the
-    time results.json records when longer) plus the notebook's."""
+    """A finished job's wall time without the work a killed attempt lost. Papermill's time for the last execution of its
+    notebook, plus the training that earlier executions did and the last one did not redo (metrics.jsonl's steps outside
+    `last_segment`). When the last execution logged no training (executed again after its training), the training's time
+    (metrics.jsonl, or the time results.json records when longer) plus the notebook's."""
     d = nb_duration(run, nb)
     if d is None: return None
+    rows = _jsonl_rows(run); st = _step_seconds(rows)
+    last = {id(r) for r in last_segment(rows)}
+    t_all, t_last = sum(t for _, t in st), sum(t for r, t in st if id(r) in last)
+    if t_all and t_last <= d: return d + (t_all - t_last)
     r = _json(Path(run)/'results.json')
     tr = sum(_num(v.get('wall_s')) or 0 for v in (r.get('phases') or {}).values() if isinstance(v, dict)) or _num((r.get('train') or {}).get('wall_s')) or 0
-    tr = max(tr, metrics_seconds(run))
+    tr = max(tr, t_all)
     return d if d >= tr else tr + d
 
 
